@@ -1,0 +1,123 @@
+"""The engine's public face: the types the CLI and the gateway see, and nothing else.
+
+Both faces call the same methods: ``gpuctl resume X --wait`` and ``POST /gpu/X/resume`` are
+one ``Engine.wake`` call. Policy (which GPU, when to wake, when to pause) lives behind these
+methods, never in a face.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "ActionResult",
+    "GpuState",
+    "GpuView",
+    "LeaseView",
+    "ModelView",
+    "Progress",
+    "ProgressCallback",
+    "Ticket",
+    "Usage",
+]
+
+
+class GpuState(str, Enum):
+    PAUSED = "paused"
+    STARTING = "starting"
+    IDLE = "idle"
+    ACTIVE = "active"
+    BUSY = "busy"
+    PAUSING = "pausing"
+    UNAVAILABLE = "unavailable"
+
+    @property
+    def ready(self) -> bool:
+        return self in (GpuState.IDLE, GpuState.ACTIVE, GpuState.BUSY)
+
+
+class LeaseView(BaseModel):
+    user: str
+    expires_in_seconds: float
+
+
+class ModelView(BaseModel):
+    """One model as a node lists it (``/api/tags``), with the fields Ollama clients require."""
+
+    name: str
+    model: str
+    modified_at: str = ""
+    size: int = 0
+    digest: str = ""
+    details: dict[str, object] = Field(default_factory=dict)
+
+
+class GpuView(BaseModel):
+    """A snapshot of one GPU for ``status``, ``discover`` and the admin API. Stable keys."""
+
+    id: str
+    name: str
+    state: GpuState
+    cloud_status: str
+    ip: str | None = None
+    fqdn: str | None = None
+    flavor: str | None = None
+    size: str | None = None
+    can_resume: bool = False
+    can_pause: bool = False
+    models: list[str] = Field(default_factory=list, description="models on disk, as last seen")
+    loaded: list[str] = Field(default_factory=list, description="models in memory (/api/ps)")
+    slots: int = 0
+    slots_in_use: int = 0
+    queued: int = 0
+    leases: list[LeaseView] = Field(default_factory=list)
+    estimated_resume_seconds: float | None = None
+    last_error: str | None = None
+
+
+class ActionResult(BaseModel):
+    """The outcome of a resume or pause, as both faces report it."""
+
+    success: bool
+    message: str
+    gpu: GpuView
+    elapsed_seconds: float = 0.0
+
+
+class Progress(BaseModel):
+    """What a waiting caller is told: why it waits, where it stands, and for about how long."""
+
+    stage: Literal["queued", "resuming", "running", "ollama_ready", "loading"]
+    gpu_id: str | None = None
+    gpu_name: str | None = None
+    position: int | None = Field(None, description="1 = next in line; queued requests only")
+    estimate_seconds: float | None = None
+    elapsed_seconds: float = 0.0
+    message: str = ""
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class Ticket(BaseModel):
+    """A slot on one GPU, granted to one request. Hand it back with ``Engine.release``."""
+
+    id: int
+    gpu_id: str
+    gpu_name: str
+    base_url: str = Field(description="the node's Ollama URL, e.g. http://10.0.0.5:11434")
+    model: str
+    user: str
+    reason: str = Field(description="why this GPU: 'leased to you, model loaded, 1/4 slots'")
+    waited_seconds: float = 0.0
+
+
+class Usage(BaseModel):
+    """What one served request cost, for the usage ledger."""
+
+    tokens_in: int = 0
+    tokens_out: int = 0

@@ -1,0 +1,129 @@
+"""Time for the engine, injected so tests and the simulator run hours of fleet life in ms.
+
+All waiting in the engine goes through a ``Clock``: ``sleep`` and ``timeout``. ``SystemClock``
+is the real one; ``FakeClock`` only moves when a test calls ``advance``, waking the sleepers
+whose deadline has come, in deadline order, and letting the event loop run between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Awaitable
+from typing import Protocol, TypeVar
+
+__all__ = ["Clock", "FakeClock", "SystemClock", "wait_with_timeout"]
+
+T = TypeVar("T")
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Monotonic seconds, for durations and deadlines."""
+        ...
+
+    def wall(self) -> float:
+        """Seconds since the epoch, for timestamps that are persisted or shown."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
+class FakeClock:
+    """A clock that moves only when told. ``sleep`` parks until ``advance`` passes its deadline."""
+
+    def __init__(self, start: float = 1_000.0, wall_start: float = 1_800_000_000.0) -> None:
+        self._now = start
+        self._wall_offset = wall_start - start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self._now
+
+    def wall(self) -> float:
+        return self._now + self._wall_offset
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), fut))
+        await fut
+
+    @property
+    def sleepers(self) -> int:
+        """How many sleeps are pending (cancelled ones included until their deadline)."""
+        return sum(1 for _, _, fut in self._sleepers if not fut.done())
+
+    async def settle(self, rounds: int = 50) -> None:
+        """Let every ready task run until the loop has nothing left to do at this instant."""
+        for _ in range(rounds):
+            await asyncio.sleep(0)
+
+    async def advance(self, seconds: float, *, step: float | None = None) -> None:
+        """Move time forward by ``seconds``, waking sleepers in deadline order.
+
+        With ``step``, time moves in increments of at most ``step``, which lets periodic loops
+        observe the intermediate instants as a real clock would.
+        """
+        target = self._now + seconds
+        await self.settle()
+        while True:
+            next_deadline = self._sleepers[0][0] if self._sleepers else None
+            if step is not None:
+                limit = min(target, self._now + step)
+            else:
+                limit = target
+            if next_deadline is not None and next_deadline <= limit:
+                self._now = max(self._now, next_deadline)
+                while self._sleepers and self._sleepers[0][0] <= self._now:
+                    _, _, fut = heapq.heappop(self._sleepers)
+                    if not fut.done():
+                        fut.set_result(None)
+                await self.settle()
+                continue
+            self._now = limit
+            await self.settle()
+            if self._now >= target:
+                return
+
+
+async def wait_with_timeout(clock: Clock, awaitable: Awaitable[T], timeout: float | None) -> T:
+    """Await ``awaitable``, but give up after ``timeout`` seconds of *clock* time.
+
+    Raises ``TimeoutError`` (and cancels the awaitable) when the clock runs out first.
+    """
+    task = asyncio.ensure_future(awaitable)
+    if timeout is None:
+        return await task
+    timer = asyncio.ensure_future(clock.sleep(timeout))
+    try:
+        done, _ = await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        timer.cancel()
+        raise
+    if task in done:
+        timer.cancel()
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # noqa: S110 - the task was cancelled on purpose
+        pass
+    raise TimeoutError(f"timed out after {timeout:g} s")
