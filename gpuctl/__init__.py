@@ -1,3 +1,3 @@
-"""gpuctl: share rented GPUs running Ollama — wake on demand, route, queue fairly, pause when idle."""
+"""gpuctl: shared Ollama GPUs that wake on demand, queue fairly and pause when idle."""
 
 __version__ = "0.1.0"

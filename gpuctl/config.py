@@ -277,7 +277,8 @@ def set_config_value(path: Path, dotted_key: str, raw_value: str) -> Any:
         raise ConfigError(f"unknown config key '{dotted_key}'", hint=f"Known keys: {known}.")
     value = _coerce_for_toml(section, key, raw_value)
     try:
-        doc = tomlkit.parse(path.read_text(encoding="utf-8")) if path.exists() else tomlkit.document()
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        doc = tomlkit.parse(text)
     except tomlkit.exceptions.ParseError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     table = doc.get(section)

@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["CloudProvider", "Workspace", "TRANSITIONAL_STATUSES"]
+__all__ = ["TRANSITIONAL_STATUSES", "CloudProvider", "Workspace"]
 
 #: Cloud statuses that mean "an action is under way; poll again soon".
 TRANSITIONAL_STATUSES = frozenset(

@@ -8,6 +8,7 @@ whose deadline has come, in deadline order, and letting the event loop run betwe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -85,10 +86,7 @@ class FakeClock:
         await self.settle()
         while True:
             next_deadline = self._sleepers[0][0] if self._sleepers else None
-            if step is not None:
-                limit = min(target, self._now + step)
-            else:
-                limit = target
+            limit = min(target, self._now + step) if step is not None else target
             if next_deadline is not None and next_deadline <= limit:
                 self._now = max(self._now, next_deadline)
                 while self._sleepers and self._sleepers[0][0] <= self._now:
@@ -122,8 +120,6 @@ async def wait_with_timeout(clock: Clock, awaitable: Awaitable[T], timeout: floa
         timer.cancel()
         return task.result()
     task.cancel()
-    try:
+    with contextlib.suppress(BaseException):
         await task
-    except BaseException:  # noqa: S110 - the task was cancelled on purpose
-        pass
     raise TimeoutError(f"timed out after {timeout:g} s")
