@@ -1,0 +1,1 @@
+"""Tests of gpu-node/: the entrypoint, the Caddy proxy, the compose file."""
