@@ -37,6 +37,9 @@ class Workspace(BaseModel):
     last_action: str | None = Field(None, description="type of the newest workspace action")
     last_action_status: str | None = None
     last_action_error: str | None = Field(None, description="e.g. 'Timeout waiting for VM…'")
+    node_url: str | None = Field(
+        None, description="a fixed Ollama URL (static hosts); overrides gpu.ollama_url"
+    )
 
     @property
     def can_resume(self) -> bool:

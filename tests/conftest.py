@@ -1,0 +1,60 @@
+"""Every test gets a temp ``GPUCTL_HOME``, an environment without gpuctl's variables and an
+in-memory keyring, so no test reads the developer's config, tokens or OS keyring."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import keyring
+import pytest
+from keyring.backend import KeyringBackend
+from keyring.errors import PasswordDeleteError
+
+_CLEARED_PREFIXES = ("GPUCTL_", "CLOUD_", "OLLAMA_")
+_CLEARED_NAMES = ("CREDENTIALS_DIRECTORY",)
+
+
+class MemoryKeyring(KeyringBackend):
+    """A keyring that keeps secrets in a dict: no daemon, nothing leaves the test."""
+
+    priority = 1
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.secrets: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self.secrets.get((service, username))
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self.secrets[(service, username)] = password
+
+    def delete_password(self, service: str, username: str) -> None:
+        if self.secrets.pop((service, username), None) is None:
+            raise PasswordDeleteError("not found")
+
+
+@pytest.fixture(autouse=True)
+def gpuctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh ``GPUCTL_HOME`` and an environment free of gpuctl's variables."""
+    for name in list(os.environ):
+        if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED_NAMES:
+            monkeypatch.delenv(name)
+    home = tmp_path / "gpuctl-home"
+    home.mkdir()
+    monkeypatch.setenv("GPUCTL_HOME", str(home))
+    return home
+
+
+@pytest.fixture(autouse=True)
+def memory_keyring() -> Iterator[MemoryKeyring]:
+    """Swap the process keyring for an in-memory one for the duration of a test."""
+    previous = keyring.get_keyring()
+    backend = MemoryKeyring()
+    keyring.set_keyring(backend)
+    try:
+        yield backend
+    finally:
+        keyring.set_keyring(previous)
