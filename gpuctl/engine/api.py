@@ -15,6 +15,8 @@ from pydantic import BaseModel, Field
 
 __all__ = [
     "ActionResult",
+    "EngineMetrics",
+    "GpuMetrics",
     "GpuState",
     "GpuView",
     "LeaseView",
@@ -77,6 +79,7 @@ class GpuView(BaseModel):
     leases: list[LeaseView] = Field(default_factory=list)
     estimated_resume_seconds: float | None = None
     last_error: str | None = None
+    base_url: str | None = Field(None, description="the node's Ollama URL, when known")
 
 
 class ActionResult(BaseModel):
@@ -121,3 +124,33 @@ class Usage(BaseModel):
 
     tokens_in: int = 0
     tokens_out: int = 0
+    load_seconds: float | None = Field(
+        None, description="Ollama's load_duration (ns / 1e9) when it had to load the model"
+    )
+
+
+class GpuMetrics(BaseModel):
+    """One GPU's gauges for ``/metrics``."""
+
+    id: str
+    name: str
+    state: GpuState
+    slots: int
+    slots_in_use: int
+    queued: int = 0
+    leases: int = 0
+
+
+class EngineMetrics(BaseModel):
+    """Counters since start and gauges now, for the gateway's Prometheus ``/metrics``."""
+
+    wakes: int = Field(0, description="cloud resumes the engine sent")
+    wake_failures: int = 0
+    pauses: int = Field(0, description="cloud pauses the engine sent")
+    resume_durations: list[float] = Field(
+        default_factory=list, description="seconds from resume to Ollama ready, oldest first"
+    )
+    requests_granted: int = 0
+    requests_rejected: int = Field(0, description="queue full or wait limit passed")
+    queue_depth: int = 0
+    gpus: list[GpuMetrics] = Field(default_factory=list)

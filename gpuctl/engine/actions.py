@@ -1,0 +1,240 @@
+"""The two cloud actions, resume and pause, carried through to their end.
+
+A resume is done when the node's Ollama answers, not when the cloud says "running"; it is
+given ``startup_timeout_seconds`` for the cloud and then ``ollama_readiness_wait_seconds``
+for Ollama (the old service gave up after 120 s while SURF kept resuming, weak spot 3). A
+resume has failed when the cloud falls back to paused with a failed resume action, or when
+the time runs out. Each action is recorded as pending in the store before the cloud is
+asked, and cleared only when it ends, so an engine restarted in between adopts the action
+instead of sending it twice. A cancelled action (engine stopping) stays pending on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from gpuctl.cloud.base import CloudProvider, Workspace
+from gpuctl.config import Config
+from gpuctl.engine.clock import Clock
+from gpuctl.engine.estimates import Estimator
+from gpuctl.engine.fleet import ERROR_STATUSES, Flight, Gpu, WakeStage
+from gpuctl.errors import ActionRefused, CloudError, GpuctlError, GpuNotFound, WakeFailed
+from gpuctl.store import Store
+
+__all__ = ["CLOUD_POLL_SECONDS", "NODE_POLL_SECONDS", "Actions", "FleetHooks"]
+
+log = logging.getLogger(__name__)
+
+#: Longest pause between two looks at the cloud while an action runs.
+CLOUD_POLL_SECONDS = 5.0
+#: Longest pause between two readiness probes of a node that is starting.
+NODE_POLL_SECONDS = 2.0
+#: The cloud may show the old status for a while after accepting an action (up to ~60 s).
+BRIDGE_SECONDS = 60.0
+_IN_PROGRESS = ("pending", "initialized")
+
+
+class FleetHooks(Protocol):
+    """What an action needs from the engine while it runs."""
+
+    def apply_workspace(self, gpu: Gpu, ws: Workspace) -> bool:
+        """Take in a fresh read of the workspace; False when the GPU left the fleet."""
+        ...
+
+    async def probe(self, gpu: Gpu) -> bool:
+        """Probe the node (ready, tags, ps); True when Ollama answers."""
+        ...
+
+    def stage(self, gpu: Gpu, flight: Flight, stage: WakeStage) -> None:
+        """Tell everyone waiting on ``flight`` that it reached ``stage``."""
+        ...
+
+    def count(self, action: str) -> None:
+        """Count one cloud action sent (for metrics)."""
+        ...
+
+
+class Actions:
+    def __init__(
+        self, config: Config, cloud: CloudProvider, clock: Clock, store: Store,
+        estimator: Estimator, hooks: FleetHooks,
+    ) -> None:
+        self.config = config
+        self.cloud = cloud
+        self.clock = clock
+        self.store = store
+        self.estimator = estimator
+        self.hooks = hooks
+
+    async def resume(self, gpu: Gpu, flight: Flight, *, adopt: bool = False) -> float:
+        """Resume ``gpu`` until its Ollama answers; returns the seconds it took.
+
+        ``adopt``: the resume was requested earlier (by a previous engine): do not send it
+        again unless the cloud plainly lost it.
+        """
+        timing = self.config.timing
+        clock = self.clock
+        if not adopt:
+            self.store.begin_action(gpu.id, "resume", clock.wall())
+        finished = False
+        try:
+            if gpu.pausing is not None and gpu.pausing.task is not None:
+                # SURF refuses a resume while pausing: let the pause land first.
+                await asyncio.gather(asyncio.shield(gpu.pausing.task), return_exceptions=True)
+            resumed = await self._until_running(gpu, flight, adopt=adopt)
+            self.hooks.stage(gpu, flight, "running")
+            deadline = clock.now() + timing.ollama_readiness_wait_seconds
+            while not await self.hooks.probe(gpu):
+                remaining = deadline - clock.now()
+                if remaining <= 0:
+                    raise WakeFailed(
+                        f"Ollama on {gpu.name} did not answer within "
+                        f"{timing.ollama_readiness_wait_seconds:g} s of the GPU running "
+                        "(timing.ollama_readiness_wait_seconds)"
+                    )
+                await clock.sleep(min(NODE_POLL_SECONDS, remaining))
+            elapsed = clock.now() - flight.started
+            if resumed:  # a GPU found running says nothing about how long resumes take
+                self.store.record_resume(gpu.id, elapsed, ok=True, at=clock.wall())
+                self.estimator.record_resume(gpu.id, elapsed, ok=True)
+            finished = True
+            log.info("%s resumed in %.0f s", gpu.name, elapsed)
+            return elapsed
+        except WakeFailed as exc:
+            elapsed = clock.now() - flight.started
+            self.store.record_resume(gpu.id, elapsed, ok=False, at=clock.wall(), reason=str(exc))
+            self.estimator.record_resume(gpu.id, elapsed, ok=False)
+            gpu.last_error = str(exc)
+            finished = True
+            if not flight.accepted.done():
+                flight.accepted.set_exception(exc)
+            log.warning("resume of %s failed: %s", gpu.name, exc)
+            raise
+        finally:
+            if not flight.accepted.done():
+                flight.accepted.set_result(None)
+            if finished:
+                self.store.end_action(gpu.id)
+
+    async def _until_running(self, gpu: Gpu, flight: Flight, *, adopt: bool) -> bool:
+        """Drive the cloud to "running"; True when it had to resume (it was not running)."""
+        timing = self.config.timing
+        clock = self.clock
+        deadline = flight.started + timing.startup_timeout_seconds
+        ws = gpu.ws
+        progressed = False
+        asked_at: float | None = None if not adopt else flight.started
+        resumed = ws.status != "running"
+        while True:
+            if not self.hooks.apply_workspace(gpu, ws):
+                raise WakeFailed(f"{gpu.name} vanished from the cloud while resuming")
+            status = ws.status
+            if status == "running":
+                if not flight.accepted.done():
+                    flight.accepted.set_result(None)
+                return resumed
+            if status == "resuming" or (
+                ws.last_action == "resume" and ws.last_action_status in _IN_PROGRESS
+            ):
+                progressed = True
+            if status == "paused":
+                failed = ws.last_action == "resume" and ws.last_action_status == "failed"
+                if failed and progressed:
+                    why = ws.last_action_error or "the resume action failed"
+                    raise WakeFailed(f"the cloud could not resume {gpu.name}: {why}")
+                lost = asked_at is None or (
+                    not progressed and clock.now() - asked_at > BRIDGE_SECONDS
+                )
+                if lost:
+                    ws = await self._ask_resume(gpu)
+                    asked_at = clock.now()
+                    if not flight.accepted.done():
+                        flight.accepted.set_result(None)
+                    self.hooks.stage(gpu, flight, "resuming")
+                    continue
+            if status in ERROR_STATUSES:
+                raise WakeFailed(f"{gpu.name} is '{status}' in the cloud")
+            if not flight.accepted.done():
+                flight.accepted.set_result(None)
+            if flight.stage != "resuming":
+                self.hooks.stage(gpu, flight, "resuming")
+            remaining = deadline - clock.now()
+            if remaining <= 0:
+                raise WakeFailed(
+                    f"{gpu.name} was still '{status}' after "
+                    f"{timing.startup_timeout_seconds:g} s (timing.startup_timeout_seconds)"
+                )
+            await clock.sleep(min(CLOUD_POLL_SECONDS, timing.poll_interval_seconds, remaining))
+            ws = await self._read(gpu, ws, "resuming")
+
+    async def _ask_resume(self, gpu: Gpu) -> Workspace:
+        try:
+            ws = await self.cloud.resume(gpu.id)
+        except ActionRefused:
+            # Usually "already resuming": look at what the cloud is doing instead.
+            return await self._read(gpu, gpu.ws, "resuming")
+        except GpuNotFound:
+            raise WakeFailed(f"{gpu.name} vanished from the cloud while resuming") from None
+        except CloudError as exc:
+            raise WakeFailed(f"the cloud refused to resume {gpu.name}: {exc}") from None
+        self.hooks.count("resume")
+        log.info("asked the cloud to resume %s", gpu.name)
+        return ws
+
+    async def _read(self, gpu: Gpu, last: Workspace, doing: str) -> Workspace:
+        try:
+            return await self.cloud.get_workspace(gpu.id)
+        except GpuNotFound:
+            raise WakeFailed(f"{gpu.name} vanished from the cloud while {doing}") from None
+        except CloudError as exc:
+            log.warning("could not read %s while %s: %s", gpu.name, doing, exc)
+            return last
+
+    async def pause(self, gpu: Gpu, flight: Flight, *, adopt: bool = False) -> None:
+        """Pause ``gpu`` and wait until the cloud says paused (or give up, logged)."""
+        clock = self.clock
+        if not adopt:
+            self.store.begin_action(gpu.id, "pause", clock.wall())
+        finished = False
+        try:
+            ws = gpu.ws
+            if ws.status not in ("paused", "pausing") and not adopt:
+                try:
+                    ws = await self.cloud.pause(gpu.id)
+                except ActionRefused as exc:
+                    gpu.last_error = f"the cloud refused to pause {gpu.name}: {exc}"
+                    ws = await self.cloud.get_workspace(gpu.id)
+                    if ws.status not in ("paused", "pausing"):
+                        raise
+                self.hooks.count("pause")
+                log.info("asked the cloud to pause %s", gpu.name)
+            if not flight.accepted.done():
+                flight.accepted.set_result(None)
+            deadline = flight.started + self.config.timing.startup_timeout_seconds
+            while self.hooks.apply_workspace(gpu, ws) and ws.status != "paused":
+                remaining = deadline - clock.now()
+                if remaining <= 0:
+                    log.warning("%s still '%s' after asking to pause", gpu.name, ws.status)
+                    break
+                await clock.sleep(
+                    min(CLOUD_POLL_SECONDS, self.config.timing.poll_interval_seconds, remaining)
+                )
+                try:
+                    ws = await self._read(gpu, ws, "pausing")
+                except WakeFailed:
+                    break
+            finished = True
+        except GpuctlError as exc:
+            finished = True
+            gpu.last_error = str(exc)
+            log.warning("pause of %s failed: %s", gpu.name, exc)
+            if not flight.accepted.done():
+                flight.accepted.set_exception(exc)
+            raise
+        finally:
+            if not flight.accepted.done():
+                flight.accepted.set_result(None)
+            if finished:
+                self.store.end_action(gpu.id)

@@ -1,0 +1,75 @@
+"""Which GPUs have which model: on disk anywhere in the fleet, and ready to serve right now.
+
+Two questions come up on every slow-path request and must not scan the fleet: "does any GPU
+have model M at all?" (else: Ollama's 404, or wake a GPU never seen to learn its models) and
+"how many ready GPUs serve M?" (the queue's wait estimate). The catalog keeps both answers
+up to date as model lists and readiness change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gpuctl.engine.api import ModelView
+from gpuctl.engine.fleet import Gpu, normalize_model
+
+__all__ = ["ModelCatalog"]
+
+
+class ModelCatalog:
+    def __init__(self) -> None:
+        self._holders: dict[str, set[str]] = {}
+        self._ready: dict[str, int] = {}
+
+    def known(self, model: str) -> bool:
+        """Some GPU in the fleet has ``model`` (as last seen)."""
+        return model in self._holders
+
+    def holders(self, model: str) -> set[str]:
+        return self._holders.get(model, set())
+
+    def ready_gpus(self, model: str) -> int:
+        """How many ready GPUs have ``model``."""
+        return self._ready.get(model, 0)
+
+    def set_models(self, gpu: Gpu, views: Iterable[ModelView]) -> bool:
+        """Give ``gpu`` the model list ``views``; True when it changed."""
+        models = {normalize_model(v.name or v.model): v for v in views}
+        old = gpu.models
+        if old is not None and models == old:
+            return False
+        for model in old or {}:
+            if model not in models:
+                self._release(model, gpu.id)
+        for model in models:
+            self._holders.setdefault(model, set()).add(gpu.id)
+        gpu.models = models
+        return True
+
+    def set_ready(self, gpu: Gpu, ready: bool) -> None:
+        """Count ``gpu``'s models as ready (or not); cheap when nothing changed."""
+        models = gpu.models if ready else None
+        if gpu.counted is models:
+            return
+        for model in gpu.counted or {}:
+            left = self._ready[model] - 1
+            if left:
+                self._ready[model] = left
+            else:
+                del self._ready[model]
+        for model in models or {}:
+            self._ready[model] = self._ready.get(model, 0) + 1
+        gpu.counted = models
+
+    def forget(self, gpu: Gpu) -> None:
+        """``gpu`` left the fleet."""
+        self.set_ready(gpu, False)
+        for model in gpu.models or {}:
+            self._release(model, gpu.id)
+
+    def _release(self, model: str, gpu_id: str) -> None:
+        holders = self._holders.get(model)
+        if holders is not None:
+            holders.discard(gpu_id)
+            if not holders:
+                del self._holders[model]

@@ -1,0 +1,135 @@
+"""Leases: affinity, the fallback lease, and pausing a GPU once nobody holds one."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpuctl.engine import Engine, GpuState
+
+from .world import Fleet
+
+
+async def two_running(fleet: Fleet) -> Engine:
+    for name in ("gpu-a", "gpu-b"):
+        fleet.cloud.add(name, status="running", models=["llama3.2:latest"])
+    return await fleet.start()
+
+
+def lease_of(engine: Engine, gpu: str, user: str) -> float:
+    leases = {lease.user: lease.expires_in_seconds for lease in engine.gpu(gpu).leases}
+    return leases[user]
+
+
+async def test_a_user_goes_back_to_the_gpu_leased_to_them(fleet: Fleet) -> None:
+    engine = await two_running(fleet)
+    first = await engine.acquire("llama3.2", "alice")
+    engine.release(first)
+    # bob's two requests make alice's GPU the busier one (it has the model loaded now)...
+    busy = [await engine.acquire("llama3.2", "bob") for _ in range(2)]
+    assert {t.gpu_id for t in busy} == {first.gpu_id}
+    # ...yet alice goes back to it: her lease comes first.
+    again = await engine.acquire("llama3.2", "alice")
+    assert again.gpu_id == first.gpu_id
+    assert again.reason == "leased to you, model loaded, 2/4 slots in use"
+
+
+async def test_lease_runs_reservation_minutes_after_the_last_request(fleet: Fleet) -> None:
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    ticket = await engine.acquire("llama3.2", "alice")
+    await fleet.advance(100)
+    engine.release(ticket)
+    assert lease_of(engine, "gpu-a", "alice") == pytest.approx(600)
+
+
+async def test_a_gpu_already_leased_gives_the_newcomer_the_fallback_lease(fleet: Fleet) -> None:
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    engine.release(await engine.acquire("llama3.2", "alice"))
+    bob = await engine.acquire("llama3.2", "bob")
+    engine.release(bob)
+    assert lease_of(engine, "gpu-a", "bob") == pytest.approx(180)
+    assert lease_of(engine, "gpu-a", "alice") == pytest.approx(600)
+
+
+async def test_releasing_one_users_request_keeps_anothers_lease(fleet: Fleet) -> None:
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    alice = await engine.acquire("llama3.2", "alice")
+    bob = await engine.acquire("llama3.2", "bob")
+    engine.release(alice)
+    await fleet.advance(200)
+    engine.release(bob)
+    assert {lease.user for lease in engine.gpu("gpu-a").leases} == {"alice", "bob"}
+    assert lease_of(engine, "gpu-a", "alice") == pytest.approx(400)
+
+
+async def test_idle_gpu_pauses_after_the_last_lease_expires_and_not_before(fleet: Fleet) -> None:
+    fleet.cloud.add("gpu-a")
+    engine = await fleet.start()
+    task = fleet.spawn(engine.acquire("llama3.2", "alice"))  # wakes gpu-a
+    await fleet.until(task.done)
+    await fleet.advance(30)
+    engine.release(task.result())
+    await fleet.advance(590)
+    assert fleet.cloud.total_pauses == 0
+    assert engine.gpu("gpu-a").state is GpuState.IDLE
+    await fleet.advance(20)
+    assert fleet.cloud.total_pauses == 1
+    await fleet.until(lambda: engine.gpu("gpu-a").state is GpuState.PAUSED)
+    await fleet.advance(3600, step=10)
+    assert fleet.cloud.total_pauses == 1
+
+
+async def test_no_pause_while_a_request_is_in_flight(fleet: Fleet) -> None:
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    ticket = await engine.acquire("llama3.2", "alice")
+    await fleet.advance(7200, step=10)
+    assert fleet.cloud.total_pauses == 0
+    engine.release(ticket)
+    await fleet.advance(620, step=10)
+    assert fleet.cloud.total_pauses == 1
+
+
+async def test_a_gpu_found_running_gets_one_reservation_of_grace(fleet: Fleet) -> None:
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    await fleet.advance(590)
+    assert fleet.cloud.total_pauses == 0
+    await fleet.advance(20)
+    assert fleet.cloud.total_pauses == 1
+    assert engine.gpu("gpu-a").state in (GpuState.PAUSING, GpuState.PAUSED)
+
+
+async def test_an_admin_wake_is_paused_when_nobody_uses_it(fleet: Fleet) -> None:
+    fleet.cloud.add("gpu-a")
+    engine = await fleet.start()
+    task = fleet.spawn(engine.wake("gpu-a", wait=True))
+    await fleet.until(task.done)
+    await fleet.advance(590)
+    assert fleet.cloud.total_pauses == 0
+    await fleet.advance(20)
+    assert fleet.cloud.total_pauses == 1
+
+
+async def test_auto_pause_off_never_pauses(fleet: Fleet) -> None:
+    fleet.configure(gpu={"auto_pause": False})
+    fleet.cloud.add("gpu-a", status="running")
+    await fleet.start()
+    await fleet.advance(7200, step=10)
+    assert fleet.cloud.total_pauses == 0
+
+
+async def test_a_request_for_a_pausing_gpu_waits_for_the_pause_then_resumes(
+    fleet: Fleet,
+) -> None:
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    await fleet.advance(610)
+    assert engine.gpu("gpu-a").state is GpuState.PAUSING
+    task = fleet.spawn(engine.acquire("llama3.2", "alice"))
+    await fleet.until(task.done)
+    assert task.result().gpu_name == "gpu-a"
+    assert fleet.cloud.total_pauses == 1
+    assert fleet.cloud.total_resumes == 1
