@@ -1,1 +1,9 @@
-"""gpuctl.gateway"""
+"""gpuctl.gateway: the shared HTTP face of the engine (``gpuctl serve``).
+
+``create_app`` builds the ASGI app (a raw hot path for inference beside a Quart app for the
+rest); ``front.serve_front`` serves it behind the lean front server, Hypercorn behind that.
+"""
+
+from gpuctl.gateway.app import GatewayApp, create_app
+
+__all__ = ["GatewayApp", "create_app"]

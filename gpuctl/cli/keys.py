@@ -1,0 +1,181 @@
+"""``gpuctl keys create | list | revoke | import``: the gateway's API keys.
+
+Keys live, hashed, in the same SQLite file ``gpuctl serve`` reads, so a key created or revoked
+here takes effect on the gateway's next request, with no restart. ``create`` prints the
+secret once (on stdout, so it can be piped); nothing else ever shows it. ``list`` joins each
+key with the usage the engine recorded for its user (the key's name).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from gpuctl.cli.output import emit_json, message, render
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from gpuctl.cli.context import AppContext
+    from gpuctl.store.keys import ApiKey, KeyStore
+    from gpuctl.store.store import UsageTotals
+
+__all__ = ["app", "create", "import_keys", "list_keys", "revoke"]
+
+app = typer.Typer(name="keys", help="Manage the gateway's API keys.", no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (stable keys) on stdout.")]
+
+
+def _app(ctx: typer.Context) -> AppContext:
+    from gpuctl.cli.context import AppContext
+
+    obj = ctx.find_root().obj
+    if not isinstance(obj, AppContext):
+        obj = AppContext()
+        ctx.find_root().obj = obj
+    return obj
+
+
+def _state_dir(app_ctx: AppContext) -> Path:
+    from gpuctl.config import state_dir
+
+    return state_dir(app_ctx.config, app_ctx.env)
+
+
+def _open_keys(app_ctx: AppContext) -> KeyStore:
+    from gpuctl.store.keys import KeyStore
+
+    return KeyStore.open(_state_dir(app_ctx))
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _key_json(key: ApiKey, usage: UsageTotals | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": key.id, "name": key.name, "email": key.email, "role": key.role,
+        "created": _iso(key.created), "last_used": _iso(key.last_used),
+        "revoked": _iso(key.revoked),
+    }
+    if usage is not None:
+        data.update(requests=usage.requests, tokens_in=usage.tokens_in,
+                    tokens_out=usage.tokens_out, gpu_seconds=round(usage.gpu_seconds, 1))
+    return data
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option("--name", help="Who the key is for.",
+                                      show_default=False)],
+    email: Annotated[str, typer.Option("--email", help="Contact address.")] = "",
+    admin: Annotated[bool, typer.Option(
+        "--admin", help="May pull/delete models and resume/pause GPUs.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a key and print it once: store it now, it cannot be shown again."""
+    app_ctx = _app(ctx)
+    keys = _open_keys(app_ctx)
+    try:
+        key, secret = keys.create(name, email=email, admin=admin)
+    finally:
+        keys.close()
+    if as_json:
+        emit_json({**_key_json(key), "key": secret})
+        return
+    typer.echo(secret)
+    message(app_ctx, f"Created {key.role} key {key.id} for {key.name}. "
+                     "This is the only time the key is shown: store it now.")
+
+
+@app.command("list")
+def list_keys(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List keys with their use: requests, tokens, GPU-seconds (never the keys)."""
+    from gpuctl.store import Store, UsageTotals
+
+    app_ctx = _app(ctx)
+    keys = _open_keys(app_ctx)
+    try:
+        records = keys.all()
+    finally:
+        keys.close()
+    store = Store.open(_state_dir(app_ctx))
+    try:
+        usage = store.usage()
+    finally:
+        store.close()
+    rows = [(k, usage.get(k.name, UsageTotals())) for k in records]
+    render(app_ctx, [_key_json(k, u) for k, u in rows], as_json=as_json,
+           table=_table(rows) if not as_json else None)
+    if not rows and not as_json:
+        message(app_ctx, "No keys yet. Create one with `gpuctl keys create --name NAME`.")
+
+
+def _table(rows: list[tuple[ApiKey, UsageTotals]]) -> Table:
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("ID", "NAME", "EMAIL", "ROLE", "CREATED", "LAST USED", "REQUESTS",
+                   "TOKENS", "GPU-SECONDS"):
+        justify = "right" if column in ("REQUESTS", "TOKENS", "GPU-SECONDS") else "left"
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for key, use in rows:
+        role = key.role if key.active else f"{key.role} (revoked)"
+        table.add_row(key.id, key.name, key.email or "-", role, _when(key.created),
+                      _when(key.last_used), str(use.requests),
+                      str(use.tokens_in + use.tokens_out), f"{use.gpu_seconds:.0f}")
+    return table
+
+
+@app.command("revoke")
+def revoke(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="The id `keys list` shows.",
+                                          show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a key; a running gateway refuses it from the next request on."""
+    app_ctx = _app(ctx)
+    keys = _open_keys(app_ctx)
+    try:
+        key = keys.revoke(key_id)
+    finally:
+        keys.close()
+    if as_json:
+        emit_json(_key_json(key))
+    else:
+        message(app_ctx, f"Revoked {key.id} ({key.name}).")
+
+
+@app.command("import")
+def import_keys(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(metavar="FILE", dir_okay=False, show_default=False,
+                                         help="The old service's api_keys.json.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Import the old service's api_keys.json; the keys keep working, stored hashed."""
+    app_ctx = _app(ctx)
+    keys = _open_keys(app_ctx)
+    try:
+        imported = keys.import_file(file)
+    finally:
+        keys.close()
+    if as_json:
+        emit_json([_key_json(k) for k in imported])
+        return
+    message(app_ctx, f"Imported {len(imported)} key(s) from {file}. The file still holds them "
+                     "in plain text: delete it once the gateway works.")

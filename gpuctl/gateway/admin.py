@@ -1,0 +1,102 @@
+"""The admin API of the service gpuctl replaces, same shapes, plus ``/metrics``.
+
+``/health`` needs no key; ``/gpu/discover`` and ``/gpu/{id}/status`` need any key;
+``/gpu/{id}/resume`` and ``/gpu/{id}/pause`` need an admin key (the app checks roles).
+Resume and pause are the very ``Engine.wake`` / ``Engine.pause`` calls of ``gpuctl resume``
+and ``gpuctl pause``; an action the state does not allow comes back as a 4xx with a reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from gpuctl.engine.api import ActionResult, GpuView
+from gpuctl.errors import CloudError
+from gpuctl.gateway.metrics import CONTENT_TYPE
+from gpuctl.gateway.routes import gateway, json_response
+
+__all__ = ["blueprint", "gpu_summary"]
+
+blueprint = Blueprint("admin", __name__)
+
+
+def gpu_summary(gpu: GpuView) -> dict[str, Any]:
+    """One GPU in the old service's keys, followed by gpuctl's richer ones."""
+    return {
+        "id": gpu.id,
+        "name": gpu.name,
+        "status": gpu.state.value,
+        "ip_address": gpu.ip,
+        "can_resume": gpu.can_resume,
+        "can_pause": gpu.can_pause,
+        "flavor": gpu.flavor,
+        "cloud_status": gpu.cloud_status,
+        "models": gpu.models,
+        "loaded": gpu.loaded,
+        "slots": gpu.slots,
+        "slots_in_use": gpu.slots_in_use,
+        "queued": gpu.queued,
+        "leases": [lease.model_dump() for lease in gpu.leases],
+        "last_error": gpu.last_error,
+    }
+
+
+@blueprint.route("/health", methods=["GET", "HEAD"])
+async def health() -> Response:
+    return json_response({"status": "healthy", "service": "gpuctl"})
+
+
+@blueprint.route("/gpu/discover", methods=["GET"])
+async def discover() -> Response:
+    engine = gateway().engine
+    payload: dict[str, Any] = {}
+    try:
+        await engine.refresh(probe=False)
+    except CloudError as exc:
+        # The cloud API is down: answer with what the engine last saw, and say so.
+        payload["warning"] = f"cloud API unavailable, showing the last known fleet: {exc}"
+    gpus = engine.gpus()
+    payload = {"discovered_gpus": len(gpus), "gpus": [gpu_summary(g) for g in gpus], **payload}
+    return json_response(payload)
+
+
+@blueprint.route("/gpu/<ref>/status", methods=["GET"])
+async def status(ref: str) -> Response:
+    gpu = gateway().engine.gpu(ref)
+    return json_response({"gpu_id": gpu.id, **gpu_summary(gpu)})
+
+
+def _action(result: ActionResult) -> Response:
+    gpu = result.gpu
+    return json_response({
+        "success": result.success,
+        "message": result.message,
+        "gpu_id": gpu.id,
+        "name": gpu.name,
+        "status": gpu.state.value,
+        "elapsed_seconds": round(result.elapsed_seconds, 3),
+    })
+
+
+def _wait_flag() -> bool:
+    return request.args.get("wait", "").lower() in ("1", "true", "yes")
+
+
+@blueprint.route("/gpu/<ref>/resume", methods=["POST"])
+async def resume(ref: str) -> Response:
+    timeout = request.args.get("timeout", type=float)
+    result = await gateway().engine.wake(ref, wait=_wait_flag(), timeout=timeout)
+    return _action(result)
+
+
+@blueprint.route("/gpu/<ref>/pause", methods=["POST"])
+async def pause(ref: str) -> Response:
+    result = await gateway().engine.pause(ref, wait=_wait_flag())
+    return _action(result)
+
+
+@blueprint.route("/metrics", methods=["GET"])
+async def metrics() -> Response:
+    return Response(gateway().metrics.render(), content_type=CONTENT_TYPE)

@@ -1,0 +1,173 @@
+"""The gateway as one ASGI app: a lean hot path for inference beside a Quart app for the rest.
+
+Quart costs ~0.3-0.4 ms per request and 10-20 µs per chunk (design.md "Performance notes"),
+more than the whole per-request budget, so ``GatewayApp`` looks at the path first: the
+inference routes (``proxy.HOT_ROUTES``) and ``/`` are answered by raw ASGI code, everything
+else (listings, management, admin API, metrics, and the lifespan events) goes to Quart. Quart's
+``before_serving``/``after_serving`` own the engine's start and stop and the shared
+connection pool, so ``hypercorn`` (or ``gpuctl serve``) drives the whole lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from quart import Quart, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from gpuctl.config import Config
+from gpuctl.errors import GpuctlError, Unavailable
+from gpuctl.gateway import admin, routes
+from gpuctl.gateway.auth import AuthError
+from gpuctl.gateway.context import EngineFace, Gateway
+from gpuctl.gateway.proxy import HOT_ROUTES, handle
+from gpuctl.gateway.replies import TEXT_CT, Receive, Scope, Send, error_body, reply
+from gpuctl.store.keys import KeyStore
+
+__all__ = ["GatewayApp", "create_app"]
+
+#: Routes that need no key at all.
+PUBLIC = frozenset({"/", "/health"})
+#: Path prefixes that change nodes or the fleet: admin keys only.
+ADMIN_PREFIXES = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
+                  "/api/blobs/")
+KEY_FLUSH_SECONDS = 30.0
+
+
+def _needs_admin(path: str, method: str) -> bool:
+    if path.startswith(ADMIN_PREFIXES):
+        return True
+    return path.startswith("/gpu/") and path.endswith(("/resume", "/pause"))
+
+
+class GatewayApp:
+    """The ASGI callable Hypercorn serves; ``quart`` is the app behind the hot path."""
+
+    def __init__(self, gw: Gateway, quart: Quart) -> None:
+        self.gw = gw
+        self.quart = quart
+        # Quart types its ASGI arguments precisely; ours are the generic ASGI mappings.
+        self._quart_asgi: Callable[[Scope, Receive, Send], Awaitable[None]] = cast(Any, quart)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            route = HOT_ROUTES.get(path)
+            if route is not None:
+                await handle(self.gw, route, scope, receive, send)
+                return
+            if path == "/":
+                method = scope["method"]
+                if method in ("GET", "HEAD"):
+                    await reply(send, 200, b"Ollama is running", TEXT_CT, head=method == "HEAD")
+                else:
+                    await reply(send, 405, b"405 method not allowed", TEXT_CT)
+                return
+        await self._quart_asgi(scope, receive, send)
+
+
+def create_app(config: Config, engine: EngineFace, keys: KeyStore, *,
+               node_token: str | None = None, manage_engine: bool = True) -> GatewayApp:
+    """Build the gateway. With ``manage_engine``, serving starts and stops the engine."""
+    gw = Gateway(config, engine, keys, node_token=node_token, manage_engine=manage_engine)
+    quart = Quart("gpuctl.gateway")
+    quart.config.update(
+        GPUCTL_GATEWAY=gw,
+        MAX_CONTENT_LENGTH=gw.max_body,
+        BODY_TIMEOUT=None,
+        RESPONSE_TIMEOUT=None,
+        PROVIDE_AUTOMATIC_OPTIONS=False,
+    )
+    quart.register_blueprint(routes.blueprint)
+    quart.register_blueprint(admin.blueprint)
+    _install_lifecycle(quart, gw)
+    _install_auth(quart, gw)
+    _install_errors(quart, gw)
+    return GatewayApp(gw, quart)
+
+
+def _install_lifecycle(quart: Quart, gw: Gateway) -> None:
+    flusher: list[asyncio.Task[None]] = []
+
+    async def flush_keys() -> None:
+        while True:
+            await asyncio.sleep(KEY_FLUSH_SECONDS)
+            gw.keys.flush()
+
+    @quart.before_serving
+    async def start() -> None:
+        if gw.manage_engine:
+            try:
+                await gw.engine.start()
+            except GpuctlError as exc:
+                # Not raised through Hypercorn (it would wrap it and log a traceback): kept
+                # for `serve`, which reports it (a rejected token still exits 4, with a hint).
+                gw.startup_error = exc
+                return
+        flusher.append(asyncio.ensure_future(flush_keys()))
+
+    @quart.after_serving
+    async def stop() -> None:
+        for task in flusher:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        gw.keys.flush()
+        if gw.manage_engine and gw.startup_error is None:
+            await gw.engine.stop()
+        await gw.aclose()
+
+
+def _install_auth(quart: Quart, gw: Gateway) -> None:
+    @quart.before_request
+    async def authenticate() -> None:
+        g.started = time.perf_counter()
+        path = request.path
+        if path in PUBLIC or request.url_rule is None:
+            return  # unknown paths get Ollama's 404, with or without a key
+        gw.auth.check(request.headers.get("Authorization"),
+                      admin=_needs_admin(path, request.method))
+
+    @quart.after_request
+    async def observe(response: Response) -> Response:
+        started = getattr(g, "started", None)
+        if started is not None:
+            rule = request.url_rule.rule if request.url_rule is not None else "other"
+            gw.metrics.observe(rule, response.status_code, time.perf_counter() - started)
+        return response
+
+
+def _error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    openai = request.path.startswith("/v1/")
+    return Response(error_body(message, status, openai=openai), status=status,
+                    content_type="application/json; charset=utf-8", headers=headers or {})
+
+
+def _install_errors(quart: Quart, gw: Gateway) -> None:
+    @quart.errorhandler(GpuctlError)
+    async def gpuctl_error(exc: GpuctlError) -> Response:
+        headers: dict[str, str] = {}
+        if isinstance(exc, Unavailable):
+            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        if isinstance(exc, AuthError) and exc.http_status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="gpuctl"'
+        return _error_response(exc.message, exc.http_status, headers)
+
+    @quart.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        if code == 404:
+            return Response("404 page not found", status=404,
+                            content_type="text/plain; charset=utf-8")
+        if code == 405:
+            return Response("405 method not allowed", status=405,
+                            content_type="text/plain; charset=utf-8")
+        if code == 413:
+            return _error_response(f"request body larger than "
+                                   f"{gw.config.server.max_body_mb:g} MB (server.max_body_mb)",
+                                   413)
+        return _error_response(exc.description or exc.name, code)

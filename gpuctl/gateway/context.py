@@ -1,0 +1,87 @@
+"""What every part of the gateway shares: config, engine, keys, the node pool, metrics.
+
+``EngineFace`` lists the engine methods the gateway calls (``gpuctl.engine.Engine``
+provides them), so the gateway depends on the contract, not on the engine's insides.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+from gpuctl.config import Config
+from gpuctl.engine.api import ActionResult, GpuView, ModelView, ProgressCallback, Ticket, Usage
+from gpuctl.errors import GpuctlError
+from gpuctl.gateway.auth import Authenticator
+from gpuctl.gateway.metrics import GatewayMetrics
+from gpuctl.gateway.upstream import Pool, PoolTransport
+from gpuctl.store.keys import KeyStore
+
+__all__ = ["EngineFace", "Gateway"]
+
+
+class EngineFace(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def refresh(self, *, probe: bool = True) -> None: ...
+    def gpus(self) -> list[GpuView]: ...
+    def gpu(self, ref: str) -> GpuView: ...
+    async def wake(self, ref: str, *, wait: bool = False, timeout: float | None = None,
+                   progress: ProgressCallback | None = None) -> ActionResult: ...
+    async def pause(self, ref: str, *, wait: bool = False) -> ActionResult: ...
+    async def acquire(self, model: str, user: str, *,
+                      progress: ProgressCallback | None = None) -> Ticket: ...
+    def release(self, ticket: Ticket, usage: Usage | None = None, *,
+                failed: str | None = None) -> None: ...
+    def models(self) -> list[ModelView]: ...
+    def loaded(self) -> list[dict[str, Any]]: ...
+    def gpus_with_model(self, model: str) -> list[GpuView]: ...
+    def queue_depth(self) -> int: ...
+    def metrics(self) -> Any: ...
+
+
+@dataclass
+class Gateway:
+    """The gateway's shared state. Built by ``create_app``; lives as long as the server."""
+
+    config: Config
+    engine: EngineFace
+    keys: KeyStore
+    node_token: str | None = None
+    connect_timeout: float = 5.0
+    manage_engine: bool = True
+    pool: Pool = field(init=False)
+    http: httpx.AsyncClient = field(init=False)
+    auth: Authenticator = field(init=False)
+    metrics: GatewayMetrics = field(init=False)
+    node_headers: list[tuple[bytes, bytes]] = field(init=False)
+    #: ``/api/show`` answers by model, so a sleeping fleet can still describe its models.
+    show_cache: dict[str, bytes] = field(default_factory=dict)
+    max_body: int = field(init=False)
+    #: Why the engine failed to start, if it did (``serve`` reports it and exits).
+    startup_error: GpuctlError | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = Pool(connect_timeout=self.connect_timeout)
+        # One shared client over the O(1) pool; no read timeout (model loads take minutes).
+        self.http = httpx.AsyncClient(
+            transport=PoolTransport(self.pool),
+            timeout=httpx.Timeout(None, connect=self.connect_timeout),
+        )
+        self.auth = Authenticator(self.keys)
+        self.metrics = GatewayMetrics(lambda: self.engine)
+        token = self.node_token
+        if token is None:
+            token = os.environ.get("GPUCTL_NODE_TOKEN") or None
+        self.node_headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        self.max_body = int(self.config.server.max_body_mb * 1024 * 1024)
+
+    def node_headers_dict(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.node_headers}
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        await self.pool.aclose()

@@ -1,0 +1,435 @@
+"""The hot path: inference requests relayed to a GPU as raw ASGI, beside the Quart app.
+
+Every chat, generate, embed and ``/v1`` inference request passes here, so it is written for
+CPU per request and per chunk (design.md "Performance notes"): no framework, one JSON parse
+of the request body (for ``model`` and ``stream``), the body forwarded untouched, the
+upstream bytes relayed as they arrive with no re-encoding, and only the tail of the answer
+parsed for token counts. Under the gateway's front server (``front.py``) a relayed piece
+goes from the node's socket callback straight to the client's socket (``DirectWriter``);
+under any other ASGI server it is one ``send`` per piece.
+
+The flow: authenticate (O(1) cache) → read the body (413 past ``server.max_body_mb``) →
+``engine.acquire`` (holds while a GPU wakes or a slot frees; a streaming ``/v1`` request
+gets SSE comment lines meanwhile, a native NDJSON stream gets nothing, because the ollama
+client parses every line) → relay → ``engine.release``. A client that disconnects cancels
+the request wherever it is: out of the queue, or the upstream connection closed (Ollama
+stops generating) and the slot freed at once. A node that dies mid-stream ends the stream
+with an error line (NDJSON) or without ``[DONE]`` (SSE, as Ollama does) and the GPU is
+marked for a re-probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gpuctl.engine.api import Progress, Ticket, Usage
+from gpuctl.errors import GpuctlError, Unavailable
+from gpuctl.gateway.auth import AuthError
+from gpuctl.gateway.context import Gateway
+from gpuctl.gateway.replies import (
+    DIRECT,
+    TEXT_CT,
+    DirectWriter,
+    Receive,
+    Scope,
+    Send,
+    error_body,
+    reply,
+    reply_error,
+)
+from gpuctl.gateway.upstream import UpstreamError, UpstreamResponse
+
+__all__ = ["HOT_ROUTES", "Route", "handle"]
+
+
+@dataclass(frozen=True)
+class Route:
+    openai: bool
+    stream_default: bool
+
+
+HOT_ROUTES: dict[str, Route] = {
+    "/api/chat": Route(openai=False, stream_default=True),
+    "/api/generate": Route(openai=False, stream_default=True),
+    "/api/embed": Route(openai=False, stream_default=False),
+    "/api/embeddings": Route(openai=False, stream_default=False),
+    "/v1/chat/completions": Route(openai=True, stream_default=False),
+    "/v1/completions": Route(openai=True, stream_default=False),
+    "/v1/embeddings": Route(openai=True, stream_default=False),
+    "/v1/responses": Route(openai=True, stream_default=False),
+}
+
+#: Client headers never forwarded: hop-by-hop ones, the client's Host (Ollama checks it),
+#: the framing the pool writes itself, and the caller's gateway key.
+_SKIP = frozenset({
+    b"host", b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"te",
+    b"upgrade", b"expect", b"authorization", b"proxy-authorization", b"proxy-connection",
+})
+_KEEPALIVE_SECONDS = 15.0
+_USAGE_BODY_LIMIT = 256 * 1024
+
+
+async def handle(gw: Gateway, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+    """Serve one inference request end to end; never raises to the server."""
+    started = time.perf_counter()
+    status = await _serve(gw, route, scope, receive, send)
+    gw.metrics.observe(scope["path"], status, time.perf_counter() - started)
+
+
+async def _serve(gw: Gateway, route: Route, scope: Scope, receive: Receive, send: Send) -> int:
+    openai = route.openai
+    if scope["method"] != "POST":
+        await reply(send, 405, b"405 method not allowed", TEXT_CT)
+        return 405
+    try:
+        key = gw.auth.check_raw(scope["headers"])
+    except AuthError as exc:
+        await reply_error(send, exc.http_status, exc.message, openai=openai)
+        return exc.http_status
+    body = await _read_body(gw, scope, receive)
+    if body is None:
+        await reply_error(send, 413, f"request body larger than {gw.config.server.max_body_mb:g}"
+                          " MB (server.max_body_mb)", openai=openai)
+        return 413
+    try:
+        request = json.loads(body) if body else None
+    except ValueError:
+        request = None
+        problem = "invalid JSON in request body"
+    else:
+        problem = "missing request body" if not body else "request body must be a JSON object"
+    if not isinstance(request, dict):
+        await reply_error(send, 400, problem, openai=openai)
+        return 400
+    model = request.get("model")
+    if not isinstance(model, str) or not model:
+        await reply_error(send, 400, "model is required", openai=openai)
+        return 400
+    stream_field = request.get("stream")
+    stream = route.stream_default if stream_field is None else bool(stream_field)
+
+    call = _Call(gw, route, scope, receive, send, body, model, stream, key.name)
+    return await call.run()
+
+
+async def _read_body(gw: Gateway, scope: Scope, receive: Receive) -> bytes | None:
+    """The whole request body, or None when it is larger than allowed."""
+    limit = gw.max_body
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                if int(value) > limit:
+                    return None
+            except ValueError:
+                pass
+            break
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        return body if len(body) <= limit else None
+    parts = bytearray(body)
+    while True:
+        message = await receive()
+        parts += message.get("body", b"")
+        if len(parts) > limit:
+            return None
+        if not message.get("more_body"):
+            return bytes(parts)
+
+
+class _Call:
+    """One proxied request: acquire, relay, release, with the client watched throughout."""
+
+    def __init__(self, gw: Gateway, route: Route, scope: Scope, receive: Receive, send: Send,
+                 body: bytes, model: str, stream: bool, user: str) -> None:
+        self.gw = gw
+        self.route = route
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.body = body
+        self.model = model
+        self.stream = stream
+        self.user = user
+        self.sse_wait = route.openai and stream
+        self.started = False  # response headers sent
+        self.client_gone = False
+        self.finished = False
+        self._notes: list[str] = []
+        self._note_event: asyncio.Event | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._pump_stop = False
+
+    # -- watching the client -----------------------------------------------------------
+
+    async def _watch(self, task: asyncio.Task[Any]) -> None:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self._client_left(task)
+                return
+
+    def _client_left(self, task: asyncio.Task[Any]) -> None:
+        if not self.finished:
+            self.client_gone = True
+            task.cancel()
+
+    async def run(self) -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        direct: DirectWriter | None = self.scope.get("extensions", {}).get(DIRECT)
+        watcher: asyncio.Future[None] | None = None
+        if direct is not None:
+            direct.on_disconnect(lambda: self._client_left(task))
+        else:
+            watcher = asyncio.ensure_future(self._watch(task))
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            if self.client_gone:
+                return 499
+            raise
+        finally:
+            self.finished = True
+            if watcher is not None:
+                watcher.cancel()
+
+    # -- the request -------------------------------------------------------------------
+
+    async def _run(self) -> int:
+        gw = self.gw
+        try:
+            ticket = await gw.engine.acquire(
+                self.model, self.user, progress=self._progress if self.sse_wait else None)
+        except GpuctlError as exc:
+            await self._stop_pump()
+            retry = exc.retry_after if isinstance(exc, Unavailable) else None
+            return await self._fail(exc.http_status, exc.message, retry_after=retry)
+        except BaseException:
+            await self._stop_pump(cancel=True)
+            raise
+        await self._stop_pump()
+        failed: str | None = None
+        usage: Usage | None = None
+        try:
+            status, usage, failed = await self._relay(ticket)
+            return status
+        except UpstreamError as exc:
+            failed = f"{ticket.gpu_name}: {exc}"
+            return await self._fail(502, f"GPU {ticket.gpu_name} failed: {exc}")
+        finally:
+            gw.engine.release(ticket, usage, failed=failed)
+
+    async def _relay(self, ticket: Ticket) -> tuple[int, Usage | None, str | None]:
+        path = self.scope["path"]
+        query = self.scope.get("query_string") or b""
+        if query:
+            path = f"{path}?{query.decode('latin-1')}"
+        headers = [(k, v) for k, v in self.scope["headers"] if k not in _SKIP]
+        headers += self.gw.node_headers
+        response = await self.gw.pool.request(ticket.base_url, "POST", path, headers, self.body)
+        try:
+            return await self._relay_body(ticket, response)
+        finally:
+            await response.aclose()
+
+    async def _relay_body(self, ticket: Ticket,
+                          response: UpstreamResponse) -> tuple[int, Usage | None, str | None]:
+        send = self.send
+        status = response.status
+        if self.started:
+            if status != 200:
+                # The 200 went out while we waited; say it the SSE way the openai client reads.
+                text = (await response.read()).decode("utf-8", "replace")
+                await self._send_error_event(_error_message(text) or f"upstream status {status}")
+                return status, None, None
+            await send({"type": "http.response.body",
+                        "body": f": served by {ticket.gpu_name}\n\n".encode(),
+                        "more_body": True})
+        else:
+            headers = [*response.headers, *self._gpu_headers(ticket)]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            self.started = True
+        keep = not self.stream and (response.header(b"content-length") or b"0").isdigit() and \
+            int(response.header(b"content-length") or b"0") <= _USAGE_BODY_LIMIT
+        pieces: list[bytes] = []
+        prev = tail = b""
+        direct: DirectWriter | None = self.scope.get("extensions", {}).get(DIRECT)
+        try:
+            if direct is not None and response.relayable:
+                # The fast way: pieces go from the node's socket callback to the client's.
+                write = direct.write_piece
+                if keep:
+                    def sink(piece: bytes) -> None:
+                        pieces.append(piece)
+                        write(piece)
+                else:
+                    sink = write
+                direct.set_flow(response)
+                try:
+                    prev, tail = await response.relay(sink)
+                finally:
+                    direct.set_flow(None)
+            else:
+                async for piece in response.chunks():
+                    await send({"type": "http.response.body", "body": piece,
+                                "more_body": True})
+                    if keep:
+                        pieces.append(piece)
+                    else:
+                        prev, tail = tail, piece
+        except UpstreamError as exc:
+            reason = f"{ticket.gpu_name}: {exc}"
+            tail = tail or response.last_piece()
+            await self._end_broken(tail, f"GPU {ticket.gpu_name} failed mid-stream: {exc}")
+            return status, None, reason
+        await self._end()
+        usage = None
+        if status == 200:
+            usage = _usage(b"".join(pieces) if keep else prev + tail)
+        return status, usage, None
+
+    def _gpu_headers(self, ticket: Ticket) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-gpuctl-gpu", ticket.gpu_name.encode("latin-1", "replace")),
+            (b"x-gpuctl-wait-seconds", f"{ticket.waited_seconds:.3f}".encode()),
+            (b"x-gpuctl-reason", ticket.reason.encode("latin-1", "replace")),
+        ]
+
+    async def _end_broken(self, tail: bytes, message: str) -> None:
+        """End a stream whose node died: an NDJSON error line, or SSE without ``[DONE]``."""
+        if self.route.openai:
+            line = f": error: {message}\n\n".encode()
+        else:
+            line = json.dumps({"error": message}).encode() + b"\n"
+            if tail and not tail.endswith(b"\n"):
+                line = b"\n" + line
+        await self.send({"type": "http.response.body", "body": line, "more_body": True})
+        await self._end()
+
+    async def _fail(self, status: int, message: str, *, retry_after: float | None = None) -> int:
+        if self.started:
+            await self._send_error_event(message)
+            return status
+        self.finished = True
+        await reply_error(self.send, status, message, openai=self.route.openai,
+                          retry_after=retry_after)
+        self.started = True
+        return status
+
+    async def _send_error_event(self, message: str) -> None:
+        body = b"data: " + error_body(message, 500, openai=True) + b"\n\n"
+        await self.send({"type": "http.response.body", "body": body, "more_body": True})
+        await self._end()
+
+    async def _end(self) -> None:
+        """The last send: from here on, Hypercorn's ``http.disconnect`` is the normal close."""
+        self.finished = True
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # -- SSE comments while waiting ----------------------------------------------------
+
+    def _progress(self, progress: Progress) -> None:
+        self._notes.append(_describe_progress(progress))
+        if self._note_event is None:
+            self._note_event = asyncio.Event()
+            self._pump = asyncio.ensure_future(self._run_pump(self._note_event))
+        self._note_event.set()
+
+    async def _run_pump(self, event: asyncio.Event) -> None:
+        send = self.send
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+        ]})
+        self.started = True
+        last = ""
+        while True:
+            try:
+                await asyncio.wait_for(event.wait(), _KEEPALIVE_SECONDS)
+            except asyncio.TimeoutError:
+                self._notes.append(last or "waiting")
+            event.clear()
+            notes, self._notes = self._notes, []
+            if notes:
+                last = notes[-1]
+                text = "".join(f": {note}\n\n" for note in notes)
+                await send({"type": "http.response.body", "body": text.encode(),
+                            "more_body": True})
+            if self._pump_stop:
+                return
+
+    async def _stop_pump(self, *, cancel: bool = False) -> None:
+        pump = self._pump
+        if pump is None:
+            return
+        self._pump_stop = True
+        if cancel:
+            pump.cancel()
+        elif self._note_event is not None:
+            self._note_event.set()
+        try:
+            await pump
+        except asyncio.CancelledError:
+            if not cancel:
+                raise
+
+
+def _describe_progress(p: Progress) -> str:
+    if p.message:
+        return p.message
+    where = p.gpu_name or p.gpu_id or "a GPU"
+    about = f", about {p.estimate_seconds:.0f} s" if p.estimate_seconds is not None else ""
+    if p.stage == "queued":
+        pos = f" (position {p.position})" if p.position is not None else ""
+        return f"queued for a slot{pos}{about}"
+    if p.stage == "resuming":
+        return f"waking {where}{about}"
+    if p.stage == "running":
+        return f"{where} is up, waiting for Ollama{about}"
+    if p.stage == "ollama_ready":
+        return f"{where} ready"
+    return f"loading the model on {where}{about}"
+
+
+def _error_message(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text.strip() or None
+    error = value.get("error") if isinstance(value, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message"))
+    return str(error) if error else None
+
+
+_COUNTS = {
+    name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
+    for name in ("prompt_eval_count", "eval_count", "prompt_tokens", "completion_tokens",
+                 "input_tokens", "output_tokens")
+}
+
+
+def _count(data: bytes, name: str) -> int | None:
+    """The last ``"name": N`` in ``data``. A JSON string cannot hold it unescaped, so a
+    prompt that mentions the field cannot fool this; no JSON parse of the answer needed."""
+    found = _COUNTS[name].findall(data)
+    return int(found[-1]) if found else None
+
+
+def _usage(data: bytes) -> Usage | None:
+    """Token counts from the end of an answer: Ollama's final line, or OpenAI's usage."""
+    if b"eval_count" in data:
+        return Usage(tokens_in=_count(data, "prompt_eval_count") or 0,
+                     tokens_out=_count(data, "eval_count") or 0)
+    if b'"usage"' not in data:
+        return None
+    tokens_in = _count(data, "prompt_tokens")
+    if tokens_in is not None:
+        return Usage(tokens_in=tokens_in, tokens_out=_count(data, "completion_tokens") or 0)
+    return Usage(tokens_in=_count(data, "input_tokens") or 0,
+                 tokens_out=_count(data, "output_tokens") or 0)

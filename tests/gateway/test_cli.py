@@ -1,0 +1,130 @@
+"""``gpuctl keys`` and ``gpuctl serve`` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from typer.testing import CliRunner, Result
+
+from gpuctl.cli.context import AppContext
+from gpuctl.cli.main import app
+from gpuctl.sim.ollama import SimOllama
+from gpuctl.sim.servers import ServerThread
+from gpuctl.sim.surf_api import SurfApiSim
+from gpuctl.store import Store
+from gpuctl.store.keys import KeyStore
+
+
+def gpuctl(*args: str, env: dict[str, str] | None = None) -> Result:
+    ctx = AppContext(env={**os.environ, **(env or {})})
+    return CliRunner().invoke(app, list(args), obj=ctx, env=env, prog_name="gpuctl")
+
+
+def test_keys_create_prints_the_key_once_on_stdout(gpuctl_home: Path) -> None:
+    result = gpuctl("keys", "create", "--name", "alice", "--email", "a@uni.nl", "--admin")
+    assert result.exit_code == 0, result.output
+    secret = result.stdout.strip()
+    assert re.fullmatch(r"sk-[A-Za-z0-9_-]{40,}", secret)
+    listed = gpuctl("keys", "list", "--json")
+    assert secret not in listed.stdout
+    (row,) = json.loads(listed.stdout)
+    assert (row["name"], row["email"], row["role"]) == ("alice", "a@uni.nl", "admin")
+    keys = KeyStore.open(gpuctl_home / "state")
+    try:
+        assert keys.authenticate(secret) is not None
+    finally:
+        keys.close()
+
+
+def test_keys_list_shows_usage_from_the_engine_store(gpuctl_home: Path) -> None:
+    gpuctl("keys", "create", "--name", "alice")
+    store = Store.open(gpuctl_home / "state")
+    store.record_usage("alice", tokens_in=10, tokens_out=32, gpu_seconds=4.5)
+    store.close()
+    (row,) = json.loads(gpuctl("keys", "list", "--json").stdout)
+    assert (row["requests"], row["tokens_in"], row["tokens_out"], row["gpu_seconds"]) == \
+        (1, 10, 32, 4.5)
+    table = gpuctl("keys", "list")
+    assert "alice" in table.stdout and "42" in table.stdout
+
+
+def test_keys_revoke_then_the_key_is_refused(gpuctl_home: Path) -> None:
+    secret = gpuctl("keys", "create", "--name", "alice").stdout.strip()
+    (row,) = json.loads(gpuctl("keys", "list", "--json").stdout)
+    result = gpuctl("keys", "revoke", row["id"])
+    assert result.exit_code == 0
+    keys = KeyStore.open(gpuctl_home / "state")
+    try:
+        assert keys.authenticate(secret) is None
+    finally:
+        keys.close()
+    missing = gpuctl("keys", "revoke", "key_nope")
+    assert missing.exit_code == 1
+    assert "no key with id" in missing.stderr
+
+
+def test_keys_import_reads_the_old_api_keys_json(gpuctl_home: Path, tmp_path: Path) -> None:
+    path = tmp_path / "api_keys.json"
+    path.write_text(json.dumps({"api_keys": {"sk-legacy": {"name": "bob", "email": "b@x"}}}))
+    result = gpuctl("keys", "import", str(path))
+    assert result.exit_code == 0
+    assert "Imported 1 key" in result.stderr
+    names = [r["name"] for r in json.loads(gpuctl("keys", "list", "--json").stdout)]
+    assert names == ["bob"]
+
+
+def test_serve_without_cloud_credentials_exits_4_without_prompting() -> None:
+    result = gpuctl("serve", "--port", "0")
+    assert result.exit_code == 4
+    assert "Error:" in result.stderr
+
+
+def test_serve_with_a_rejected_cloud_token_exits_4(gpuctl_home: Path) -> None:
+    with ServerThread(SurfApiSim(token="right")) as url:
+        result = gpuctl("serve", "--port", "0", env={
+            "GPUCTL_API_TOKEN": "wrong", "GPUCTL_CLOUD_API__BASE_URL": f"{url}/v1"})
+    assert result.exit_code == 4
+    assert "rejected the token" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_drains_a_stream_on_sigterm_and_exits_0(gpuctl_home: Path) -> None:
+    keys = KeyStore.open(gpuctl_home / "state")
+    _, secret = keys.create("alice")
+    keys.close()
+    node = SimOllama(["llama3.2"], chunks=5, interval=0.1)
+    with ServerThread(node) as node_url:
+        env = {**os.environ, "GPUCTL_HOME": str(gpuctl_home),
+               "GPUCTL_CLOUD_API__PROVIDER": "static",
+               "GPUCTL_CLOUD_API__HOSTS": node_url}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpuctl", "serve", "--port", "0"],
+            env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            banner = proc.stderr.readline()
+            match = re.search(r"http://([\d.]+:\d+)", banner)
+            assert match, banner
+            url = f"http://{match.group(1)}"
+            headers = {"Authorization": f"Bearer {secret}"}
+            with httpx.Client(base_url=url, headers=headers, timeout=10) as client, \
+                    client.stream("POST", "/api/chat", json={"model": "llama3.2"}) as r:
+                lines = r.iter_lines()
+                assert json.loads(next(lines))["done"] is False
+                proc.send_signal(signal.SIGTERM)
+                rest = [json.loads(line) for line in lines]
+            assert rest[-1]["done"] is True
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            if proc.stderr is not None:
+                proc.stderr.close()

@@ -1,0 +1,128 @@
+"""Bad input, vanished clients and dying nodes: clear errors, never a hung socket or lost slot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import ollama
+import pytest
+
+from .world import GpuSpec, WorldFactory, eventually
+
+
+async def test_client_disconnect_mid_stream_frees_the_slot_and_stops_the_node(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world(GpuSpec("gpu-1", chunks=4), slots=1) as world:
+        node = world.nodes["gpu-1"]
+        node.hold_after = 1
+        async with world.client() as c, \
+                c.stream("POST", "/api/chat", json={"model": "llama3.2"}) as r:
+            first = await r.aiter_lines().__anext__()
+            assert json.loads(first)["done"] is False
+            assert world.gpu("gpu-1").slots_in_use == 1
+        # leaving the block closed the client's connection mid-stream
+        await eventually(lambda: world.gpu("gpu-1").slots_in_use == 0)
+        await eventually(lambda: node.cancelled_streams == 1)
+        assert node.completed_streams == 0
+
+
+async def test_node_dying_mid_stream_ends_ndjson_with_an_error_line(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world(GpuSpec("gpu-1", chunks=5)) as world:
+        world.nodes["gpu-1"].die_after = 2
+        client = world.ollama()
+        seen: list[str] = []
+        with pytest.raises(ollama.ResponseError) as caught:
+            async for part in await client.chat(model="llama3.2", messages=[], stream=True):
+                seen.append(part.message.content or "")
+        assert seen == ["tok0 ", "tok1 "]
+        assert "gpu-1 failed mid-stream" in caught.value.error
+        assert world.gpu("gpu-1").slots_in_use == 0
+
+
+async def test_node_dying_mid_sse_stream_ends_it_without_done(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world(GpuSpec("gpu-1", chunks=5)) as world, world.client() as c:
+        world.nodes["gpu-1"].die_after = 2
+        body = {"model": "llama3.2", "messages": [], "stream": True}
+        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = [line async for line in r.aiter_lines() if line]
+        data = [line for line in lines if line.startswith("data: ")]
+        assert len(data) == 2
+        assert "data: [DONE]" not in lines
+        assert world.gpu("gpu-1").slots_in_use == 0
+
+
+async def test_malformed_json_is_400(make_world: WorldFactory) -> None:
+    async with make_world() as world, world.client() as c:
+        native = await c.post("/api/chat", content=b'{"model": "llama3.2",')
+        assert native.status_code == 400
+        assert native.json() == {"error": "invalid JSON in request body"}
+        shown = await c.post("/api/show", content=b"nope")
+        assert shown.status_code == 400 and "error" in shown.json()
+        openai_shape = await c.post("/v1/chat/completions", content=b"[1,")
+        assert openai_shape.status_code == 400
+        assert openai_shape.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_missing_model_is_400(make_world: WorldFactory) -> None:
+    async with make_world() as world, world.client() as c:
+        r = await c.post("/api/generate", json={"prompt": "hi"})
+        assert (r.status_code, r.json()) == (400, {"error": "model is required"})
+        empty = await c.post("/api/embed", content=b"")
+        assert (empty.status_code, empty.json()) == (400, {"error": "missing request body"})
+
+
+async def test_body_over_the_limit_is_413(make_world: WorldFactory) -> None:
+    async with make_world(max_body_mb=0.01) as world, world.client() as c:
+        big = {"model": "llama3.2", "prompt": "x" * 20_000}
+        r = await c.post("/api/generate", json=big)
+        assert r.status_code == 413
+        assert "max_body_mb" in r.json()["error"]
+        small = await c.post("/api/generate", json={"model": "llama3.2", "stream": False})
+        assert small.status_code == 200
+
+
+async def test_unknown_path_is_ollamas_plain_404(make_world: WorldFactory) -> None:
+    async with make_world() as world, world.client() as c:
+        r = await c.get("/api/nothing-here")
+        assert (r.status_code, r.text) == (404, "404 page not found")
+        assert r.headers["content-type"].startswith("text/plain")
+
+
+async def test_wrong_method_is_405(make_world: WorldFactory) -> None:
+    async with make_world() as world, world.client() as c:
+        r = await c.get("/api/chat")
+        assert (r.status_code, r.text) == (405, "405 method not allowed")
+
+
+async def test_unreachable_node_is_502_and_frees_the_slot(make_world: WorldFactory) -> None:
+    async with make_world(GpuSpec("gpu-1", url="http://127.0.0.1:9")) as world, \
+            world.client() as c:
+        r = await c.post("/api/chat", json={"model": "llama3.2", "stream": False})
+        assert r.status_code == 502
+        assert "gpu-1" in r.json()["error"]
+        assert world.gpu("gpu-1").slots_in_use == 0
+
+
+async def test_chunked_request_body_is_served_and_disconnect_still_frees_the_slot(
+    make_world: WorldFactory,
+) -> None:
+    # A chunked request body is a framing the front leaves to Hypercorn: the same hot-path
+    # code then runs under Hypercorn's ASGI, watching for the disconnect itself.
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"model": "llama3.2",'
+        yield b' "stream": true}'
+
+    async with make_world(GpuSpec("gpu-1", chunks=4), slots=1) as world:
+        node = world.nodes["gpu-1"]
+        node.hold_after = 1
+        async with world.client() as c, c.stream("POST", "/api/chat", content=body()) as r:
+            assert json.loads(await r.aiter_lines().__anext__())["done"] is False
+            assert world.gpu("gpu-1").slots_in_use == 1
+        await eventually(lambda: world.gpu("gpu-1").slots_in_use == 0)
+        await eventually(lambda: node.cancelled_streams == 1)

@@ -1,0 +1,163 @@
+"""A whole gateway world per test: real sockets on 127.0.0.1, the real engine on a fake clock.
+
+``World`` holds the simulated cloud (``SimCloud`` on a ``FakeClock``), one simulated Ollama
+server (``SimOllama`` under Hypercorn) per GPU, the real ``Engine``, the key store with an
+admin and a user key, and the gateway itself as ``gpuctl serve`` runs it (its front server,
+Hypercorn and Quart behind). Clients are the real ones
+(httpx, ``ollama``, ``openai``). Cloud time moves only when a test advances the clock; the
+only real-time waiting is for bytes on loopback sockets, always bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import openai
+
+from gpuctl.config import Config
+from gpuctl.engine.clock import FakeClock
+from gpuctl.engine.engine import Engine
+from gpuctl.gateway.app import GatewayApp, create_app
+from gpuctl.gateway.front import running_gateway
+from gpuctl.sim.cloud import SimCloud
+from gpuctl.sim.ollama import SimOllama
+from gpuctl.sim.servers import running
+from gpuctl.store import Store
+from gpuctl.store.keys import KeyStore
+
+NODE_TOKEN = "node-secret-token"
+
+
+@dataclass
+class World:
+    clock: FakeClock
+    cloud: SimCloud
+    nodes: dict[str, SimOllama]
+    engine: Engine
+    keys: KeyStore
+    store: Store
+    app: GatewayApp
+    url: str
+    admin_key: str
+    user_key: str
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+
+    def ollama(self, key: str | None = None) -> ollama.AsyncClient:
+        """The real ``ollama.AsyncClient`` pointed at the gateway, closed at teardown."""
+        client = ollama.AsyncClient(host=self.url, headers=self.headers(key))
+        self.closers.append(client.close)
+        return client
+
+    def openai(self, key: str | None = None, **options: Any) -> openai.AsyncOpenAI:
+        """The real ``openai.AsyncOpenAI`` pointed at the gateway's /v1, closed at teardown."""
+        client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key or self.user_key,
+                                    **options)
+        self.closers.append(client.close)
+        return client
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.user_key}"}
+
+    def client(self, key: str | None = None, **options: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, headers=self.headers(key), timeout=10,
+                                 **options)
+
+    def gpu(self, name: str) -> Any:
+        return self.engine.gpu(name)
+
+    async def until(self, condition: Callable[[], bool], *, limit: float = 900,
+                    step: float = 1.0) -> None:
+        """Advance the fake clock until ``condition()`` holds (engine time, no sleeping)."""
+        start = self.clock.now()
+        await self.clock.settle()
+        while not condition():
+            if self.clock.now() - start > limit:
+                raise AssertionError(f"not reached within {limit} s of clock time")
+            await self.clock.advance(step)
+            await asyncio.sleep(0)
+
+
+async def eventually(condition: Callable[[], bool], *, timeout: float = 5.0) -> None:
+    """Wait (bounded, real time) for bytes to cross loopback sockets and be handled."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met within the socket timeout")
+        await asyncio.sleep(0.005)
+
+
+@dataclass
+class GpuSpec:
+    name: str
+    status: str = "running"
+    models: tuple[str, ...] = ("llama3.2:latest",)
+    chunks: int = 4
+    #: Where the gateway finds the node, if not at its simulated Ollama server.
+    url: str | None = None
+
+
+WorldFactory = Callable[..., contextlib.AbstractAsyncContextManager[World]]
+
+
+def world_factory(tmp_path: Path) -> WorldFactory:
+    """``make_world(*gpus, slots=..., ...)``: an async context manager yielding a ``World``."""
+
+    @contextlib.asynccontextmanager
+    async def factory(*gpus: GpuSpec, slots: int = 2, max_queue: int = 64,
+                      max_body_mb: float = 64, known: dict[str, list[str]] | None = None,
+                      ) -> AsyncIterator[World]:
+        gpus = gpus or (GpuSpec("gpu-1"),)
+        clock = FakeClock()
+        cloud = SimCloud(clock, resume_seconds=60, pause_seconds=30, ollama_seconds=5)
+        config = Config.model_validate({
+            "server": {"max_queue": max_queue, "queue_timeout_seconds": 900,
+                       "max_body_mb": max_body_mb},
+            "gpu": {"slots": slots},
+            "timing": {"reservation_minutes": 10, "fallback_reservation_minutes": 3,
+                       "startup_timeout_seconds": 600, "ollama_readiness_wait_seconds": 120,
+                       "poll_interval_seconds": 10},
+        })
+        store = Store.open(tmp_path / "state")
+        keys = KeyStore.open(tmp_path / "state")
+        _, admin_key = keys.create("admin", email="admin@example.org", admin=True)
+        _, user_key = keys.create("alice", email="alice@example.org")
+        nodes: dict[str, SimOllama] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            for spec in gpus:
+                node = SimOllama(list(spec.models), chunks=spec.chunks, token=NODE_TOKEN)
+                node_url = await stack.enter_async_context(running(node))
+                machine = cloud.add(spec.name, status=spec.status, models=spec.models,
+                                    base_url=spec.url or node_url)
+                nodes[spec.name] = node
+                if known is not None and spec.name in known:
+                    entries = [{"name": m, "model": m} for m in known[spec.name]]
+                    store.save_models(machine.id, entries, clock.wall())
+            engine = Engine(config, cloud, store, clock=clock, nodes=cloud.node)
+            app = create_app(config, engine, keys, node_token=NODE_TOKEN)
+            url = await stack.enter_async_context(running_gateway(app))
+            world = World(clock, cloud, nodes, engine, keys, store, app, url, admin_key,
+                          user_key)
+            # The first request waits for Hypercorn's lifespan startup (the engine's start).
+            async with world.client() as c:
+                await c.get("/health")
+            try:
+                yield world
+            finally:
+                for task in world.tasks:
+                    task.cancel()
+                await asyncio.gather(*world.tasks, return_exceptions=True)
+                for close in world.closers:
+                    await close()
+        keys.close()
+        store.close()
+
+    return factory
