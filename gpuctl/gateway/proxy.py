@@ -71,6 +71,8 @@ _SKIP = frozenset({
     b"upgrade", b"expect", b"authorization", b"proxy-authorization", b"proxy-connection",
 })
 _KEEPALIVE_SECONDS = 15.0
+#: Tries per request when nodes fail before answering (each on another GPU if one is ready).
+_ATTEMPTS = 3
 _USAGE_BODY_LIMIT = 256 * 1024
 
 
@@ -202,28 +204,38 @@ class _Call:
     # -- the request -------------------------------------------------------------------
 
     async def _run(self) -> int:
+        """Acquire a slot and relay; a node that fails before answering is not the end.
+
+        Inference has no side effects, so while nothing has reached the client a request
+        whose node fails (refused, reset, died before its first byte) is routed again: the
+        failed GPU is released with ``failed=`` (the engine takes it out of rotation until a
+        probe finds it well), and the next acquire picks, or wakes, another one.
+        """
         gw = self.gw
-        try:
-            ticket = await gw.engine.acquire(
-                self.model, self.user, progress=self._progress if self.sse_wait else None)
-        except GpuctlError as exc:
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                ticket = await gw.engine.acquire(
+                    self.model, self.user, progress=self._progress if self.sse_wait else None)
+            except GpuctlError as exc:
+                await self._stop_pump()
+                retry = exc.retry_after if isinstance(exc, Unavailable) else None
+                return await self._fail(exc.http_status, exc.message, retry_after=retry)
+            except BaseException:
+                await self._stop_pump(cancel=True)
+                raise
             await self._stop_pump()
-            retry = exc.retry_after if isinstance(exc, Unavailable) else None
-            return await self._fail(exc.http_status, exc.message, retry_after=retry)
-        except BaseException:
-            await self._stop_pump(cancel=True)
-            raise
-        await self._stop_pump()
-        failed: str | None = None
-        usage: Usage | None = None
-        try:
-            status, usage, failed = await self._relay(ticket)
-            return status
-        except UpstreamError as exc:
-            failed = f"{ticket.gpu_name}: {exc}"
-            return await self._fail(502, f"GPU {ticket.gpu_name} failed: {exc}")
-        finally:
-            gw.engine.release(ticket, usage, failed=failed)
+            failed: str | None = None
+            usage: Usage | None = None
+            try:
+                status, usage, failed = await self._relay(ticket)
+                return status
+            except UpstreamError as exc:
+                failed = f"{ticket.gpu_name}: {exc}"
+                if exc.sent or attempt == _ATTEMPTS:
+                    return await self._fail(502, f"GPU {ticket.gpu_name} failed: {exc}")
+            finally:
+                gw.engine.release(ticket, usage, failed=failed)
+        raise AssertionError("unreachable: the last attempt returns")
 
     async def _relay(self, ticket: Ticket) -> tuple[int, Usage | None, str | None]:
         path = self.scope["path"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 
 import ollama
@@ -126,3 +127,37 @@ async def test_chunked_request_body_is_served_and_disconnect_still_frees_the_slo
             assert world.gpu("gpu-1").slots_in_use == 1
         await eventually(lambda: world.gpu("gpu-1").slots_in_use == 0)
         await eventually(lambda: node.cancelled_streams == 1)
+
+
+async def test_node_refusing_before_any_byte_is_retried_on_another_gpu(
+    make_world: WorldFactory,
+) -> None:
+    dead_url = _refusing_url()
+    async with make_world(GpuSpec("gpu-dead", url=dead_url), GpuSpec("gpu-ok")) as world:
+        # Make the dead node the router's first choice: it has the model in memory.
+        world.cloud.find("gpu-dead").loaded = ["llama3.2:latest"]
+        await world.engine.refresh()
+        assert world.gpu("gpu-dead").loaded == ["llama3.2:latest"]
+        async with world.client() as c:
+            r = await c.post("/api/chat", json={"model": "llama3.2", "stream": False})
+        assert r.status_code == 200
+        assert r.headers["x-gpuctl-gpu"] == "gpu-ok"
+        assert r.json()["done"] is True
+        assert world.gpu("gpu-dead").slots_in_use == 0
+        assert world.gpu("gpu-ok").slots_in_use == 0
+
+
+async def test_every_node_refusing_gives_one_clear_502(make_world: WorldFactory) -> None:
+    dead_url = _refusing_url()
+    async with make_world(GpuSpec("gpu-dead", url=dead_url)) as world, world.client() as c:
+        r = await c.post("/api/generate", json={"model": "llama3.2", "stream": False})
+        assert r.status_code == 502
+        assert r.json()["error"].startswith("GPU gpu-dead failed: ")
+        assert world.gpu("gpu-dead").slots_in_use == 0
+
+
+def _refusing_url() -> str:
+    """A loopback URL whose port nobody listens on: connections are refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
