@@ -12,7 +12,9 @@ instead of sending it twice. A cancelled action (engine stopping) stays pending 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Protocol
 
 from gpuctl.cloud.base import CloudProvider, Workspace
@@ -76,47 +78,36 @@ class Actions:
         """
         timing = self.config.timing
         clock = self.clock
-        if not adopt:
-            self.store.begin_action(gpu.id, "resume", clock.wall())
-        finished = False
-        try:
-            if gpu.pausing is not None and gpu.pausing.task is not None:
-                # SURF refuses a resume while pausing: let the pause land first.
-                await asyncio.gather(asyncio.shield(gpu.pausing.task), return_exceptions=True)
-            resumed = await self._until_running(gpu, flight, adopt=adopt)
-            self.hooks.stage(gpu, flight, "running")
-            deadline = clock.now() + timing.ollama_readiness_wait_seconds
-            while not await self.hooks.probe(gpu):
-                remaining = deadline - clock.now()
-                if remaining <= 0:
-                    raise WakeFailed(
-                        f"Ollama on {gpu.name} did not answer within "
-                        f"{timing.ollama_readiness_wait_seconds:g} s of the GPU running "
-                        "(timing.ollama_readiness_wait_seconds)"
-                    )
-                await clock.sleep(min(NODE_POLL_SECONDS, remaining))
-            elapsed = clock.now() - flight.started
-            if resumed:  # a GPU found running says nothing about how long resumes take
-                self.store.record_resume(gpu.id, elapsed, ok=True, at=clock.wall())
-                self.estimator.record_resume(gpu.id, elapsed, ok=True)
-            finished = True
-            log.info("%s resumed in %.0f s", gpu.name, elapsed)
-            return elapsed
-        except WakeFailed as exc:
-            elapsed = clock.now() - flight.started
-            self.store.record_resume(gpu.id, elapsed, ok=False, at=clock.wall(), reason=str(exc))
-            self.estimator.record_resume(gpu.id, elapsed, ok=False)
-            gpu.last_error = str(exc)
-            finished = True
-            if not flight.accepted.done():
-                flight.accepted.set_exception(exc)
-            log.warning("resume of %s failed: %s", gpu.name, exc)
-            raise
-        finally:
-            if not flight.accepted.done():
-                flight.accepted.set_result(None)
-            if finished:
-                self.store.end_action(gpu.id)
+        with self._recorded(gpu, flight, adopt=adopt, failure=WakeFailed):
+            try:
+                if gpu.pausing is not None and gpu.pausing.task is not None:
+                    # SURF refuses a resume while pausing: let the pause land first.
+                    await asyncio.gather(asyncio.shield(gpu.pausing.task), return_exceptions=True)
+                resumed = await self._until_running(gpu, flight, adopt=adopt)
+                self.hooks.stage(gpu, flight, "running")
+                deadline = clock.now() + timing.ollama_readiness_wait_seconds
+                while not await self.hooks.probe(gpu):
+                    remaining = deadline - clock.now()
+                    if remaining <= 0:
+                        raise WakeFailed(
+                            f"Ollama on {gpu.name} did not answer within "
+                            f"{timing.ollama_readiness_wait_seconds:g} s of the GPU running "
+                            "(timing.ollama_readiness_wait_seconds)"
+                        )
+                    await clock.sleep(min(NODE_POLL_SECONDS, remaining))
+                elapsed = clock.now() - flight.started
+                if resumed:  # a GPU found running says nothing about how long resumes take
+                    self.store.record_resume(gpu.id, elapsed, ok=True, at=clock.wall())
+                    self.estimator.record_resume(gpu.id, elapsed, ok=True)
+                log.info("%s resumed in %.0f s", gpu.name, elapsed)
+                return elapsed
+            except WakeFailed as exc:
+                elapsed = clock.now() - flight.started
+                self.store.record_resume(
+                    gpu.id, elapsed, ok=False, at=clock.wall(), reason=str(exc)
+                )
+                self.estimator.record_resume(gpu.id, elapsed, ok=False)
+                raise
 
     async def _until_running(self, gpu: Gpu, flight: Flight, *, adopt: bool) -> bool:
         """Drive the cloud to "running"; True when it had to resume (it was not running)."""
@@ -195,10 +186,7 @@ class Actions:
     async def pause(self, gpu: Gpu, flight: Flight, *, adopt: bool = False) -> None:
         """Pause ``gpu`` and wait until the cloud says paused (or give up, logged)."""
         clock = self.clock
-        if not adopt:
-            self.store.begin_action(gpu.id, "pause", clock.wall())
-        finished = False
-        try:
+        with self._recorded(gpu, flight, adopt=adopt, failure=GpuctlError):
             ws = gpu.ws
             if ws.status not in ("paused", "pausing") and not adopt:
                 try:
@@ -225,13 +213,31 @@ class Actions:
                     ws = await self._read(gpu, ws, "pausing")
                 except WakeFailed:
                     break
+
+    @contextlib.contextmanager
+    def _recorded(
+        self, gpu: Gpu, flight: Flight, *, adopt: bool, failure: type[GpuctlError]
+    ) -> Iterator[None]:
+        """Run one action on the record, and settle its flight.
+
+        The action is pending in the store from before the cloud is asked (an adopted one
+        already is) until it ends, as a success or a ``failure``; one cut short otherwise
+        (the engine stopping) stays pending for the next engine to adopt. A failure becomes
+        the GPU's last error and the outcome of ``flight.accepted`` if the cloud had not yet
+        accepted the action.
+        """
+        if not adopt:
+            self.store.begin_action(gpu.id, flight.kind, self.clock.wall())
+        finished = False
+        try:
+            yield
             finished = True
-        except GpuctlError as exc:
+        except failure as exc:
             finished = True
             gpu.last_error = str(exc)
-            log.warning("pause of %s failed: %s", gpu.name, exc)
             if not flight.accepted.done():
                 flight.accepted.set_exception(exc)
+            log.warning("%s of %s failed: %s", flight.kind, gpu.name, exc)
             raise
         finally:
             if not flight.accepted.done():

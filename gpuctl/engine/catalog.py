@@ -3,7 +3,8 @@
 Two questions come up on every slow-path request and must not scan the fleet: "does any GPU
 have model M at all?" (else: Ollama's 404, or wake a GPU never seen to learn its models) and
 "how many ready GPUs serve M?" (the queue's wait estimate). The catalog keeps both answers
-up to date as model lists and readiness change.
+up to date as model lists and readiness change. A model nobody has is answered with Ollama's
+own 404 (``not_found``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,20 @@ from collections.abc import Iterable
 
 from gpuctl.engine.api import ModelView
 from gpuctl.engine.fleet import Gpu, normalize_model
+from gpuctl.errors import ModelNotFound
 
-__all__ = ["ModelCatalog"]
+__all__ = ["ModelCatalog", "not_found"]
+
+
+def not_found(model: str) -> ModelNotFound:
+    """Ollama's own words for a model it does not have, so clients recognise them."""
+    return ModelNotFound(f'model "{model}" not found, try pulling it first')
 
 
 class ModelCatalog:
-    def __init__(self) -> None:
+    def __init__(self, slots: int) -> None:
+        #: Slots per GPU (the same on every GPU of the fleet).
+        self.slots = slots
         self._holders: dict[str, set[str]] = {}
         self._ready: dict[str, int] = {}
 
@@ -31,6 +40,10 @@ class ModelCatalog:
     def ready_gpus(self, model: str) -> int:
         """How many ready GPUs have ``model``."""
         return self._ready.get(model, 0)
+
+    def serving_slots(self, model: str) -> int:
+        """How many slots the ready GPUs with ``model`` have between them."""
+        return self._ready.get(model, 0) * self.slots
 
     def set_models(self, gpu: Gpu, views: Iterable[ModelView]) -> bool:
         """Give ``gpu`` the model list ``views``; True when it changed."""

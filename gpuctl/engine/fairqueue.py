@@ -101,6 +101,13 @@ class FairQueue:
         self._forget(waiter)
         return True
 
+    def fail(self, model: str, error: BaseException) -> None:
+        """Take every waiter for ``model`` out of line, each raising ``error``."""
+        for waiter in self.waiters(model):
+            self.remove(waiter)
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+
     def head(self, model: str) -> Waiter | None:
         keys = self._keys.get(model)
         return self._waiters[keys[0][1]] if keys else None

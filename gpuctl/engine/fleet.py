@@ -53,6 +53,19 @@ class Flight:
     #: Models whose queued requests wait for this wake (they are told its progress).
     models: set[str] = field(default_factory=set)
 
+    @classmethod
+    def begin(cls, kind: str, started: float, *, grace: bool = True) -> Flight:
+        """A new flight; nobody has to await whether the cloud ``accepted`` it."""
+        accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        accepted.add_done_callback(_consume)
+        return cls(kind=kind, started=started, accepted=accepted, grace=grace)
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    """Mark a flight's outcome as seen, so asyncio does not warn when nobody awaited it."""
+    if not future.cancelled():
+        future.exception()
+
 
 @dataclass(eq=False)
 class Gpu:

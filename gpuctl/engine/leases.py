@@ -13,7 +13,14 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["Lease", "LeaseBook"]
+from gpuctl.config import Config
+
+__all__ = ["Lease", "LeaseBook", "reservation_seconds"]
+
+
+def reservation_seconds(config: Config) -> float:
+    """How long a user's lease lasts after their last request (``timing.reservation_minutes``)."""
+    return config.timing.reservation_minutes * 60.0
 
 
 @dataclass
