@@ -2,7 +2,8 @@
 
 No policy here: which GPU a name means, whether a resume is needed, when Ollama counts as
 ready, all of that is the engine's (``Engine.gpu``/``wake``/``pause``), exactly as for the
-gateway's admin routes.
+gateway's admin routes. ``--demo`` on ``discover`` and ``status`` asks the running
+``gpuctl serve --demo`` instead (``cli/remote.py``) and prints its fleet the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gpuctl.cli.output import emit_json, gpu_detail_table, gpu_table, message, r
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
+    from gpuctl.cli.remote import DemoEndpoint
     from gpuctl.engine.api import ActionResult, GpuView, Progress, ProgressCallback
 
 __all__ = [
@@ -37,6 +39,8 @@ GpuArg = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (stable keys) on stdout.")]
+DemoOpt = Annotated[bool, typer.Option(
+    "--demo", help="Show the simulated fleet of the running `gpuctl serve --demo`.")]
 
 STAGES = {
     "resuming": "resuming (cloud)",
@@ -53,10 +57,16 @@ def _remember(app: AppContext, gpus: list[GpuView]) -> None:
         write_cache(app.cache_dir(), gpus)
 
 
-def discover(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def _demo(app: AppContext) -> DemoEndpoint:
+    from gpuctl.cli.remote import DEMO_FILE, find_demo
+
+    return find_demo(app.cache_dir() / DEMO_FILE)
+
+
+def discover(ctx: typer.Context, as_json: JsonOpt = False, demo: DemoOpt = False) -> None:
     """List the GPU workspaces matching the filter.
 
-    Asks the cloud only: no GPU is woken or probed.
+    Asks the cloud only: no GPU is woken or probed. With --demo, asks the running demo.
     """
     app = AppContext.of(ctx)
 
@@ -65,8 +75,13 @@ def discover(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             await engine.refresh(probe=False)
             return engine.gpus()
 
-    gpus = run_sync(go())
-    _remember(app, gpus)
+    if demo:
+        from gpuctl.cli.remote import demo_gpus
+
+        gpus = demo_gpus(_demo(app))
+    else:
+        gpus = run_sync(go())
+        _remember(app, gpus)
     if not gpus and not as_json:
         flt = app.config.cloud_api.machine_name_filter
         message(app, f"No GPU workspaces match the filter {flt!r} (cloud_api.machine_name_filter)."
@@ -82,11 +97,12 @@ def status(
         metavar="GPU", help="One GPU (id, name or unique prefix); all when left out.",
         autocompletion=complete_gpu, show_default=False)] = None,
     as_json: JsonOpt = False,
+    demo: DemoOpt = False,
 ) -> None:
     """Show state, IP, flavour, models, slots and leases.
 
     Running GPUs are probed for the models they have and have loaded; paused GPUs are
-    not woken.
+    not woken. With --demo, shows the running demo's fleet.
     """
     app = AppContext.of(ctx)
 
@@ -95,8 +111,15 @@ def status(
             await engine.refresh(probe=True)
             return engine.gpus(), engine.gpu(gpu) if gpu is not None else None
 
-    gpus, one = run_sync(go())
-    _remember(app, gpus)
+    if demo:
+        from gpuctl.cli.remote import demo_gpu, demo_gpus
+
+        endpoint = _demo(app)
+        one = demo_gpu(endpoint, gpu) if gpu is not None else None
+        gpus = demo_gpus(endpoint) if one is None else [one]
+    else:
+        gpus, one = run_sync(go())
+        _remember(app, gpus)
     if one is not None:
         render(app, one, as_json=as_json, table=None if as_json else gpu_detail_table(one))
         return

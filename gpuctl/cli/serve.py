@@ -7,8 +7,10 @@ the app, whose ``before_serving`` starts the engine. SIGTERM or SIGINT stops acc
 lets streams in flight finish for up to ``GRACE_SECONDS``, stops the engine (which persists
 its state) and exits 0.
 
-``--demo`` serves a simulated fleet. The simulated fleet is wired in through ``demo_fleet``:
-an async context manager factory that starts it and yields the cloud provider to serve.
+``--demo`` serves the simulated fleet of ``gpuctl.sim.demo`` instead: no credentials are
+looked for and no state of the user's is opened (the demo has its own key store in a temp
+dir). It prints the demo key and commands to try, publishes itself for ``status --demo``
+(``cli/remote.py``) and logs the fleet's lifecycle as it happens.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -30,13 +31,10 @@ if TYPE_CHECKING:
     from gpuctl.cloud.base import CloudProvider
     from gpuctl.config import Config
 
-__all__ = ["GRACE_SECONDS", "demo_fleet", "run_gateway", "serve"]
+__all__ = ["GRACE_SECONDS", "run_gateway", "serve", "stop_on_signals"]
 
 #: How long streams in flight may run on after SIGTERM before the server closes them.
 GRACE_SECONDS = 30.0
-
-#: The ``--demo`` hook: given the context, start a simulated fleet, yield its provider.
-demo_fleet: Callable[[AppContext], AbstractAsyncContextManager[CloudProvider]] | None = None
 
 
 def serve(
@@ -62,8 +60,6 @@ def serve(
         app_ctx.overrides["server.port"] = port
     config = app_ctx.config
     if demo:
-        if demo_fleet is None:
-            raise UsageError("--demo is not available in this build")
         asyncio.run(_serve_demo(app_ctx, config))
         return
     cloud = app_ctx.cloud()  # missing credentials: CredentialsError, exit 4, before binding
@@ -71,9 +67,28 @@ def serve(
 
 
 async def _serve_demo(app_ctx: AppContext, config: Config) -> None:
-    assert demo_fleet is not None
-    async with demo_fleet(app_ctx) as cloud:
-        await _serve_cloud(app_ctx, config, cloud)
+    from gpuctl.cli.output import message
+    from gpuctl.cli.remote import DEMO_FILE, published_demo
+    from gpuctl.gateway.app import create_app
+    from gpuctl.sim.demo import demo_fleet
+
+    def say(line: str) -> None:
+        message(app_ctx, line)
+
+    stop = asyncio.Event()
+    # From the start: a SIGTERM right after the intro still stops cleanly (and exits 0).
+    with stop_on_signals(stop):
+        sock = _bind(config.server.host, config.server.port)
+        try:
+            url = f"http://{_shown(sock, reachable=True)}"
+            async with demo_fleet(config, say=say) as fleet:
+                app = create_app(fleet.config, fleet.engine, fleet.keys)
+                with published_demo(app_ctx.cache_dir() / DEMO_FILE, url, fleet.key):
+                    for line in fleet.intro(url):  # once published: `status --demo` works
+                        say(line)
+                    await run_gateway(app, sock, shutdown=stop)
+        finally:
+            sock.close()
 
 
 async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider) -> None:
@@ -114,21 +129,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _shown(sock: socket.socket) -> str:
+def _shown(sock: socket.socket, *, reachable: bool = False) -> str:
+    """``host:port`` of ``sock``; ``reachable``: a wildcard address becomes loopback, for
+    URLs meant to be pasted on this machine."""
     host, port = sock.getsockname()[:2]
+    if reachable and host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run_gateway(app: Any, sock: socket.socket, *,
-                      shutdown: asyncio.Event | None = None) -> None:
-    """Serve ``app`` on ``sock`` until SIGTERM/SIGINT (or ``shutdown``), then drain and stop.
-
-    The socket goes to the gateway's lean front (hot inference routes), which hands every
-    other request to Hypercorn running the Quart app (see ``gpuctl.gateway.front``).
-    """
-    from gpuctl.gateway.front import serve_front
-
-    stop = shutdown or asyncio.Event()
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT set ``stop`` instead of killing the process."""
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,7 +148,26 @@ async def run_gateway(app: Any, sock: socket.socket, *,
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     try:
-        await serve_front(app, sock, stop.wait, grace=GRACE_SECONDS, max_body=app.gw.max_body)
+        yield
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+async def run_gateway(app: Any, sock: socket.socket, *,
+                      shutdown: asyncio.Event | None = None) -> None:
+    """Serve ``app`` on ``sock`` until SIGTERM/SIGINT, then drain and stop. A caller that
+    passes ``shutdown`` owns the signals (see ``stop_on_signals``): serving ends when it is set.
+
+    The socket goes to the gateway's lean front (hot inference routes), which hands every
+    other request to Hypercorn running the Quart app (see ``gpuctl.gateway.front``).
+    """
+    from gpuctl.gateway.front import serve_front
+
+    if shutdown is None:
+        stop = asyncio.Event()
+        with stop_on_signals(stop):
+            await serve_front(app, sock, stop.wait, grace=GRACE_SECONDS,
+                              max_body=app.gw.max_body)
+        return
+    await serve_front(app, sock, shutdown.wait, grace=GRACE_SECONDS, max_body=app.gw.max_body)

@@ -23,8 +23,14 @@ blueprint = Blueprint("admin", __name__)
 
 
 def gpu_summary(gpu: GpuView) -> dict[str, Any]:
-    """One GPU in the old service's keys, followed by gpuctl's richer ones."""
-    return {
+    """One GPU in the old service's keys, followed by gpuctl's richer ones.
+
+    Every ``GpuView`` field is there under its own name too (``state``, ``ip``, ``size``,
+    ``fqdn``, ``estimated_resume_seconds`` ...), so a client can rebuild the view with
+    ``GpuView.model_validate`` (``gpuctl status --demo`` does) and print what ``gpuctl
+    status`` prints.
+    """
+    summary: dict[str, Any] = {
         "id": gpu.id,
         "name": gpu.name,
         "status": gpu.state.value,
@@ -41,6 +47,9 @@ def gpu_summary(gpu: GpuView) -> dict[str, Any]:
         "leases": [lease.model_dump() for lease in gpu.leases],
         "last_error": gpu.last_error,
     }
+    for key, value in gpu.model_dump(mode="json").items():
+        summary.setdefault(key, value)
+    return summary
 
 
 @blueprint.route("/health", methods=["GET", "HEAD"])

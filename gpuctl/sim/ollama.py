@@ -73,11 +73,13 @@ class SimOllama:
 
     ``chunks`` and ``interval`` shape every stream (``chunks`` content pieces, ``interval``
     seconds apart, then the final ``done`` line); a non-streamed answer comes after
-    ``delay``. Steering attributes, all safe to flip between requests: ``up`` (False:
-    every route but ``/`` answers 503), ``die_after`` (drop the connection after that many
-    chunks), ``hold_after`` with ``release()`` (park streams after that many chunks until
-    released; call it in the server's loop), ``token`` (demand
-    ``Authorization: Bearer <token>``).
+    ``delay``. ``text`` replaces the default answer (``tok0 tok1 …``) with words of its own,
+    one chunk per word, ``{model}`` standing for the model asked for (``serve --demo``
+    streams readable text this way). Steering attributes, all safe to flip between
+    requests: ``up`` (False: every route but ``/`` answers 503), ``die_after`` (drop the
+    connection after that many chunks), ``hold_after`` with ``release()`` (park streams
+    after that many chunks until released; call it in the server's loop), ``token``
+    (demand ``Authorization: Bearer <token>``).
     """
 
     def __init__(
@@ -90,11 +92,13 @@ class SimOllama:
         token: str | None = None,
         embed_dim: int = 8,
         delay: float = 0.0,
+        text: str | None = None,
     ) -> None:
         names = [_normalise(m) for m in models]
         self.models: dict[str, dict[str, Any]] = {m: _tag_entry(m) for m in names}
         self.loaded: set[str] = set()
-        self.chunks = chunks
+        self.text = text
+        self.chunks = len(text.split()) if text is not None else chunks
         self.interval = interval
         self.delay = delay
         self.version = version
@@ -307,7 +311,7 @@ class SimOllama:
             await asyncio.sleep(seconds)
 
     def _chunk(self, path: str, model: str, req: dict[str, Any], i: int) -> bytes:
-        token = f"tok{i} "
+        token = f"tok{i} " if self.text is None else self._words(model)[i]
         if path == "/api/chat":
             message = {"role": "assistant", "content": token}
             return _dumps({"model": model, "created_at": _now(), "message": message,
@@ -361,7 +365,7 @@ class SimOllama:
         return out + b"data: [DONE]\n\n"
 
     def _whole(self, path: str, model: str, req: dict[str, Any]) -> dict[str, Any]:
-        text = "".join(f"tok{i} " for i in range(self.chunks))
+        text = self._answer(model)
         if path == "/api/chat":
             return {"model": model, "created_at": _now(),
                     "message": {"role": "assistant", "content": text}, "done": True,
@@ -383,7 +387,7 @@ class SimOllama:
                 "usage": self._usage()}
 
     def _response_object(self, model: str) -> dict[str, Any]:
-        text = "".join(f"tok{i} " for i in range(self.chunks))
+        text = self._answer(model)
         usage = self._usage()
         return {
             "id": f"resp_{self._seq}", "object": "response", "created_at": int(time.time()),
@@ -395,6 +399,14 @@ class SimOllama:
                       "output_tokens": usage["completion_tokens"],
                       "total_tokens": usage["total_tokens"]},
         }
+
+    def _words(self, model: str) -> list[str]:
+        if self.text is None:
+            return [f"tok{i} " for i in range(self.chunks)]
+        return [f"{word} " for word in self.text.replace("{model}", model).split()]
+
+    def _answer(self, model: str) -> str:
+        return "".join(self._words(model))
 
     def _durations(self) -> dict[str, int]:
         return {"total_duration": 5_000_000, "load_duration": 1_000_000, "prompt_eval_count": 7,

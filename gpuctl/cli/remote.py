@@ -1,0 +1,131 @@
+"""The fleet of a running ``gpuctl serve --demo``, seen through its gateway.
+
+The demo's fleet lives inside the serving process, so ``gpuctl status --demo`` and
+``discover --demo`` ask that process: ``serve --demo`` publishes where it listens and its
+demo key in ``<cache dir>/demo.json`` (readable by the user only, removed at exit), and these
+commands call the gateway's admin API (``GET /gpu/discover``, ``GET /gpu/{ref}/status``) and
+rebuild the ``GpuView`` objects the usual renderer prints. A file left behind by a demo that
+died is recognised by its process id and ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from gpuctl.engine.api import GpuView
+from gpuctl.errors import GpuctlError, GpuNotFound, UsageError
+
+__all__ = ["DEMO_FILE", "DemoEndpoint", "NoDemoRunning", "demo_gpu", "demo_gpus",
+           "find_demo", "published_demo"]
+
+DEMO_FILE = "demo.json"
+_TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+
+
+class NoDemoRunning(GpuctlError):
+    default_hint = "Start one with `gpuctl serve --demo` (in another terminal), then retry."
+
+
+class DemoEndpoint(BaseModel):
+    """Where a running demo listens, and the key to ask it with."""
+
+    url: str
+    key: str
+    pid: int
+
+
+@contextlib.contextmanager
+def published_demo(path: Path, url: str, key: str) -> Iterator[DemoEndpoint]:
+    """Write ``path`` while the block runs; remove it after, unless another demo took it over."""
+    endpoint = DemoEndpoint(url=url, key=key, pid=os.getpid())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{endpoint.pid}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds a key
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(endpoint.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, path)
+    try:
+        yield endpoint
+    finally:
+        with contextlib.suppress(GpuctlError, OSError):
+            if _read(path).pid == endpoint.pid:
+                path.unlink()
+
+
+def find_demo(path: Path) -> DemoEndpoint:
+    """The running demo, or ``NoDemoRunning``."""
+    if not path.exists():
+        raise NoDemoRunning("no `gpuctl serve --demo` is running (found no demo.json)")
+    endpoint = _read(path)
+    if not _alive(endpoint.pid):
+        raise NoDemoRunning(f"the demo that wrote {path} (process {endpoint.pid}) has ended")
+    return endpoint
+
+
+def demo_gpus(endpoint: DemoEndpoint) -> list[GpuView]:
+    """Every GPU of the demo fleet, as ``gpuctl status`` shows them."""
+    body = _get(endpoint, "/gpu/discover")
+    return [_view(entry) for entry in body.get("gpus") or []]
+
+
+def demo_gpu(endpoint: DemoEndpoint, ref: str) -> GpuView:
+    """One GPU of the demo fleet by id, name or unique name prefix."""
+    return _view(_get(endpoint, f"/gpu/{quote(ref, safe='')}/status"))
+
+
+def _read(path: Path) -> DemoEndpoint:
+    try:
+        return DemoEndpoint.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValidationError) as exc:
+        raise NoDemoRunning(f"cannot read {path}: {type(exc).__name__}") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive, though not likely ours
+    return True
+
+
+def _get(endpoint: DemoEndpoint, path: str) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {endpoint.key}"}
+    try:
+        response = httpx.get(f"{endpoint.url}{path}", headers=headers, timeout=_TIMEOUT)
+    except httpx.HTTPError as exc:
+        raise NoDemoRunning(f"the demo at {endpoint.url} does not answer "
+                            f"({type(exc).__name__})") from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if response.status_code == 404 and error:
+        raise GpuNotFound(str(error))
+    if response.status_code == 400 and error:
+        raise UsageError(str(error))
+    if response.status_code != 200 or not isinstance(body, dict):
+        raise GpuctlError(f"the demo at {endpoint.url} answered {path} with HTTP "
+                          f"{response.status_code}" + (f": {error}" if error else ""))
+    return body
+
+
+def _view(entry: Any) -> GpuView:
+    try:
+        return GpuView.model_validate(entry)
+    except ValidationError as exc:
+        raise GpuctlError(f"the demo sent a GPU this gpuctl cannot read: "
+                          f"{json.dumps(exc.errors(include_url=False)[0], default=str)}",
+                          hint="Run `gpuctl serve --demo` and `gpuctl status --demo` from the "
+                               "same installation.") from None
