@@ -5,13 +5,17 @@ queue and task per request, one ``drain`` per message) cost ~340 µs per request
 half of the ~100 µs spent per relayed chunk, beyond the issue's budget of 500 µs and 50 µs
 for the whole gateway. So the listening socket belongs to this small server:
 
-* A request for one of ``proxy.HOT_ROUTES`` (a ``POST`` with a ``Content-Length`` body) is
-  parsed here and handed to the same ASGI hot-path code (``GatewayApp``), whose ``send``
-  writes straight to the socket: one ``transport.write`` per relayed chunk, the response head
-  sent together with the first chunk (as Ollama does).
-* Anything else (listings, management, admin API, ``/metrics``, odd framings) turns the
-  connection into a byte pipe to Hypercorn on a private Unix socket, where the Quart app
-  answers it exactly as before. Hypercorn also runs the app's lifespan, so Quart's
+* A request for one of ``proxy.HOT_ROUTES`` (a ``POST`` with one ``Content-Length``) whose
+  head ``head.parse_head`` is sure of is handed to the same ASGI hot-path code
+  (``GatewayApp``), whose ``send`` writes straight to the socket: one ``transport.write`` per
+  relayed chunk, the response head sent together with the first chunk (as Ollama does).
+  A body over ``server.max_body_mb`` is answered 413 from its ``Content-Length`` and read
+  only to be dropped, never held.
+* Anything else (listings, management, admin API, ``/metrics``, and every head the strict
+  parser doubts: odd framings, duplicate lengths, obs-folds, bare LFs...) turns the
+  connection into a byte pipe to Hypercorn on a private Unix socket, where h11 parses it
+  (400 for a malformed request) and the Quart app answers it exactly as before. The pipe
+  keeps backpressure both ways. Hypercorn also runs the app's lifespan, so Quart's
   ``before_serving``/``after_serving`` still start and stop the engine.
 
 Shutdown: stop accepting, let requests in flight finish (bounded), close idle connections,
@@ -30,6 +34,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
+from gpuctl.gateway.head import MAX_HEAD, Head, bare_lf, parse_head
 from gpuctl.gateway.proxy import HOT_ROUTES
 from gpuctl.gateway.replies import DIRECT, FlowControl, Message
 
@@ -40,7 +45,9 @@ log = logging.getLogger(__name__)
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Message]],
                     Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
-_MAX_HEAD = 64 * 1024
+#: How long a connection answered 413 keeps reading (and dropping) the unwanted body, so
+#: the client reads the 413 rather than a reset ("lingering close", as nginx does).
+_LINGER_SECONDS = 2.0
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _HOT = frozenset(path.encode() for path in HOT_ROUTES)
 
@@ -166,9 +173,22 @@ class _Pipe(asyncio.Protocol):
         if front is not None and not self.front.lost:
             front.write(data)
 
+    def eof_received(self) -> bool | None:
+        return None  # Hypercorn closed its side: close (connection_lost closes the client)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.front.transport is not None:
             self.front.transport.close()
+
+    # Backpressure both ways: a slow reader on one side stops reading from the other, so
+    # neither transport's write buffer grows without bound.
+    def pause_writing(self) -> None:
+        if self.front.transport is not None and not self.front.lost:
+            self.front.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.front.transport is not None and not self.front.lost:
+            self.front.transport.resume_reading()
 
 
 class _FrontProtocol(asyncio.Protocol):
@@ -186,6 +206,14 @@ class _FrontProtocol(asyncio.Protocol):
         self.idle_since: float | None = None
         self._client: tuple[str, int] | None = None
         self.flow: FlowControl | None = None
+        #: Where the search for the head's end resumes (a head may come byte by byte).
+        self._scanned = 0
+        #: Body bytes of a too-large request still to be read and dropped.
+        self._discard = 0
+        #: Answered and half-closed: whatever still comes is dropped until the close.
+        self._lingering = False
+        #: The client half-closed while the pipe to Hypercorn was being opened.
+        self._eof_pending = False
 
     # -- asyncio callbacks --------------------------------------------------------------
 
@@ -204,11 +232,34 @@ class _FrontProtocol(asyncio.Protocol):
             else:
                 self.buffer += data
             return
+        if self._discard:
+            dropped = min(self._discard, len(data))
+            self._discard -= dropped
+            data = data[dropped:]
+            if self._lingering and not self._discard and self.transport is not None:
+                self.transport.close()  # the whole unwanted body is read: nothing to reset
+                return
+        if self._lingering or not data:
+            return
         self.buffer += data
         if self.request is None:
             self._next()
-        elif len(self.buffer) > self.server.max_body + _MAX_HEAD and self.transport is not None:
+        elif len(self.buffer) > self.server.max_body + MAX_HEAD and self.transport is not None:
             self.transport.close()  # a client pushing more than any request may hold
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed. Like nginx and Hypercorn, take it as leaving: a request
+        in flight is cancelled (its slot freed) and the connection closed. Telling a
+        half-close from a client that went away would take a write, and a request held in
+        the queue for minutes must not wait for one to learn that its client is gone."""
+        if not self.piping:
+            return None
+        # Piped: pass the half-close on and let Hypercorn decide, as if it were direct.
+        if self.pipe is None:
+            self._eof_pending = True  # still connecting: sent once connected
+        elif self.pipe.transport is not None and self.pipe.transport.can_write_eof():
+            self.pipe.transport.write_eof()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -225,11 +276,15 @@ class _FrontProtocol(asyncio.Protocol):
         self.paused = True
         if self.flow is not None:
             self.flow.pause()
+        if self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
         if self.flow is not None:
             self.flow.resume()
+        if self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.resume_reading()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -248,60 +303,45 @@ class _FrontProtocol(asyncio.Protocol):
     def _next(self) -> None:
         """Parse the next request in the buffer; serve it here or pipe the connection."""
         buf = self.buffer
-        end = buf.find(b"\r\n\r\n")
+        end = buf.find(b"\r\n\r\n", self._scanned)
         if end < 0:
-            if len(buf) > _MAX_HEAD:
+            # Searched from where the last search stopped, so a head sent byte by byte
+            # costs linear time, not quadratic.
+            if len(buf) > MAX_HEAD or bare_lf(buf, self._scanned):
                 self._to_backend()
+            else:
+                self._scanned = max(0, len(buf) - 3)
             return
-        line_end = buf.find(b"\r\n")
-        parts = bytes(buf[:line_end]).split(b" ")
-        if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
-            self._to_backend()
+        self._scanned = 0
+        head = None if self.server.closing else parse_head(bytes(buf[:end]), _HOT)
+        if head is None:
+            self._to_backend()  # not a hot request, or not one framed beyond doubt
             return
-        target = parts[1]
-        path, _, query = target.partition(b"?")
-        if path not in _HOT or self.server.closing:
-            self._to_backend()
-            return
-        headers: list[tuple[bytes, bytes]] = []
-        length = -1
-        keep_alive = True
-        for line in bytes(buf[line_end + 2:end]).split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if not sep:
-                self._to_backend()
-                return
-            name = name.strip().lower()
-            value = value.strip()
-            if name == b"content-length":
-                if not value.isdigit():
-                    self._to_backend()
-                    return
-                length = int(value)
-            elif name in (b"transfer-encoding", b"expect", b"upgrade"):
-                self._to_backend()  # framings the front does not speak: Hypercorn does
-                return
-            elif name == b"connection" and b"close" in value.lower():
-                keep_alive = False
-            headers.append((name, value))
-        if length < 0:
-            length = 0
+        length = head.length
         body_end = end + 4 + length
+        if length > self.server.max_body:
+            # Too large: the app answers 413 from the Content-Length alone, and the body
+            # is read and dropped as it comes, never held.
+            self._discard = max(0, length - (len(buf) - end - 4))
+            buf.clear()
+            self._start(head, b"", keep_alive=False)
+            return
         if len(buf) < body_end:
-            if length > self.server.max_body:
-                self._to_backend()  # let the app answer 413 with the body unread
             return
         body = bytes(buf[end + 4:body_end])
         del buf[:body_end]
+        self._start(head, body, keep_alive=head.keep_alive)
+
+    def _start(self, head: Head, body: bytes, *, keep_alive: bool) -> None:
         self.idle_since = None
         request = _Request(self, body, keep_alive and not self.server.closing)
         self.request = request
         scope: dict[str, Any] = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": path.decode("latin-1"), "raw_path": path, "query_string": query,
-            "root_path": "", "headers": headers, "client": self._client,
-            "server": None, "extensions": {DIRECT: request},
+            "path": head.path.decode("latin-1"), "raw_path": head.path,
+            "query_string": head.query, "root_path": "", "headers": head.headers,
+            "client": self._client, "server": None, "extensions": {DIRECT: request},
         }
         task = asyncio.ensure_future(self._run(request, scope))
         self.server.tasks.add(task)
@@ -334,11 +374,23 @@ class _FrontProtocol(asyncio.Protocol):
         self.flow = None
         if not request.keep_alive or self.lost:
             if self.transport is not None:
-                self.transport.close()
+                if self._discard and not self.lost and self.transport.can_write_eof():
+                    self._linger(self.transport)
+                else:
+                    self.transport.close()
             return
         self.idle_since = asyncio.get_running_loop().time()
         if self.buffer:
             asyncio.get_running_loop().call_soon(self._resume)
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Send FIN after the response, read and drop the rest of the body for a while,
+        then close: closing at once with unread bytes would reset the connection and the
+        client could lose the response it has not read yet."""
+        transport.write_eof()
+        self._lingering = True
+        self.buffer.clear()
+        asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
 
     def _resume(self) -> None:
         if self.request is None and not self.lost and not self.piping:
@@ -370,6 +422,8 @@ class _FrontProtocol(asyncio.Protocol):
         if self.buffer and pipe.transport is not None:
             pipe.transport.write(bytes(self.buffer))
             self.buffer.clear()
+        if self._eof_pending and pipe.transport is not None and pipe.transport.can_write_eof():
+            pipe.transport.write_eof()
 
 
 class FrontServer:

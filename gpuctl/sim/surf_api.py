@@ -1,17 +1,15 @@
-"""A fake SURF Research Cloud workspace API, as a raw ASGI app, for tests and the demo.
+"""A fake SURF Research Cloud workspace API: an HTTP face over a ``SimCloud``.
 
 It answers with the real shapes (``shared/facts/surf-api.md``): the paginated list with
 absolute ``next`` URLs, ``application_type`` / ``deleted`` / ``name`` filters, one workspace,
-and the ``resume`` / ``pause`` actions with their status walk (paused → resuming → running,
-running → pausing → paused). A transition ends ``resume_seconds`` / ``pause_seconds`` after
-it began, measured on an injectable clock and evaluated lazily on each read, so a test on a
-``FakeClock`` moves the cloud by moving the clock, and a delay of 0 means "the next read sees
-the end state". For callers that cannot move a clock (a CLI test runs the real one),
-``settle_after_reads=N`` ends a transition at the N-th read of the workspace instead: as
-deterministic as a fake clock, with no waiting. Tests can also make a resume fail (it falls
-back to ``paused`` with a failed action "Timeout waiting for VM to resume."), make the next
-N requests fail (500, 429, 401…), and count the action POSTs per workspace to assert
-"exactly one resume".
+and the ``resume`` / ``pause`` actions. The workspaces and their status walk (paused →
+resuming → running, running → pausing → paused, a failing resume falling back to paused
+with "Timeout waiting for VM to resume.", the counts of every action asked for) are those of
+the ``SimCloud`` behind it (``sim.cloud``): the state machine lives there only, so a cloud a
+test or the demo drives directly can also be served over HTTP. Timing is the cloud's: its
+clock, or ``settle_after_reads`` (a transition ends at the N-th read of its workspace) for
+callers that cannot move a clock. What is HTTP stays here: the token check, the JSON shapes,
+pagination, and per-request fault injection (the next N requests answered 500, 429, 401...).
 
 Serve it with ``gpuctl.sim.servers.running`` or ``ServerThread``; the provider's base URL
 is ``<server url>/v1``.
@@ -19,104 +17,106 @@ is ``<server url>/v1``.
 
 from __future__ import annotations
 
-import itertools
 import json
 import threading
 import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from gpuctl.engine.clock import Clock, SystemClock
+from gpuctl.errors import ActionRefused, GpuNotFound
+from gpuctl.sim.cloud import RESUME_FAILURE, SimAction, SimCloud, SimMachine
 
-__all__ = ["SimWorkspace", "SurfApiSim"]
+__all__ = ["RESUME_FAILURE", "SurfApiSim", "workspace_json"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-RESUME_FAILURE = "Timeout waiting for VM to resume."
 
-_ALLOWED = {
-    "running": ["pause", "reboot", "update_nsgs", "update_storages"],
-    "paused": ["resume", "update_nsgs", "update_storages"],
-}
-# status during a transition -> status once it ends
-_TRANSITIONS = {"resuming": "running", "pausing": "paused"}
+def _stamp(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    stamp = datetime.fromtimestamp(wall, tz=timezone.utc)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-@dataclass
-class SimWorkspace:
-    """One simulated workspace; mutate it freely from a test (under ``SurfApiSim.lock``)."""
+def _action_json(action: SimAction) -> dict[str, Any]:
+    result: dict[str, Any] | None = None
+    if action.status == "success":
+        result = {}
+    elif action.status == "failed":
+        result = {"error": action.error}
+    return {
+        "id": action.id,
+        "type": action.kind,
+        "status": action.status,
+        "reason": "API",
+        "result": result,
+        "time_created": _stamp(action.created),
+        "time_updated": _stamp(action.updated),
+        "issuer_display_name": None,
+    }
 
-    id: str
-    name: str
-    status: str = "paused"
-    ip: str | None = "145.38.194.153"
-    host_name: str = "ollama"
-    flavor: str = "gpu-a10-11core-88gb-50gb-2tb"
-    size: str = "A10 - 1 GPU"
-    application_type: str = "Compute"
-    deleted: bool = False
-    fail_next_resume: bool = False
-    actions: list[dict[str, Any]] = field(default_factory=list)
-    transition_ends: float | None = None
-    reads_left: int | None = None
-    failing: bool = False
 
-    def to_json(self) -> dict[str, Any]:
-        fqdn = f"{self.host_name}.myco.src.surf-hosted.nl"
-        resource_meta: dict[str, Any] = {
-            "workspace_fqdn": fqdn,
-            "flavor_name": self.flavor,
-            "instance_user": "ubuntu",
-            "vm_id": f"vm-{self.id[:8]}",
-        }
-        if self.ip:
-            resource_meta["ip"] = self.ip
-        allowed = list(_ALLOWED.get(self.status, []))
-        return {
-            "id": self.id,
-            "name": self.name,
-            "description": "",
-            "status": self.status,
-            "active": self.status == "running",
-            "actions": allowed,
-            "allowed_actions": allowed,
-            "workspace_actions": list(self.actions),
-            "deletable": True,
-            "editable": True,
-            "resource_meta": resource_meta,
-            "meta": {
-                "host_name": self.host_name,
-                "workspace_fqdn": fqdn,
-                "co_name": "myco",
-                "wallet_name": "gpu-wallet",
-                "subscription_name": "SURF HPC Cloud",
-                "flavours": [
-                    {"name": "Ubuntu 22.04", "category": "os"},
-                    {"name": self.size, "category": "size"},
-                ],
-            },
-            "end_time": "2026-12-31T23:59:59Z",
-            "time_created": "2026-10-01T09:00:00Z",
-            "time_deleted": "2026-10-02T09:00:00Z" if self.deleted else None,
-            "wallet_id": "wallet-1",
-            "owner_id": "owner-1",
-            "co_id": "co-1",
-            "network_security_group_rules": ["in tcp 22 22 0.0.0.0/0 immutable"],
-        }
+def workspace_json(machine: SimMachine) -> dict[str, Any]:
+    """One workspace as SURF's API shows it."""
+    resource_meta: dict[str, Any] = {
+        "workspace_fqdn": machine.fqdn,
+        "flavor_name": machine.flavor,
+        "instance_user": "ubuntu",
+        "vm_id": f"vm-{machine.id[:8]}",
+    }
+    if machine.ip:
+        resource_meta["ip"] = machine.ip
+    allowed = list(machine.allowed_actions)
+    return {
+        "id": machine.id,
+        "name": machine.name,
+        "description": "",
+        "status": machine.status,
+        "active": machine.status == "running",
+        "actions": allowed,
+        "allowed_actions": allowed,
+        "workspace_actions": [_action_json(a) for a in machine.actions],
+        "deletable": True,
+        "editable": True,
+        "resource_meta": resource_meta,
+        "meta": {
+            "host_name": machine.host,
+            "workspace_fqdn": machine.fqdn,
+            "co_name": "myco",
+            "wallet_name": "gpu-wallet",
+            "subscription_name": "SURF HPC Cloud",
+            "flavours": [
+                {"name": "Ubuntu 22.04", "category": "os"},
+                {"name": machine.size, "category": "size"},
+            ],
+        },
+        "end_time": "2026-12-31T23:59:59Z",
+        "time_created": "2026-10-01T09:00:00Z",
+        "time_deleted": "2026-10-02T09:00:00Z" if machine.deleted else None,
+        "wallet_id": "wallet-1",
+        "owner_id": "owner-1",
+        "co_id": "co-1",
+        "network_security_group_rules": ["in tcp 22 22 0.0.0.0/0 immutable"],
+    }
 
 
 class SurfApiSim:
-    """The fake API. ``await sim(scope, receive, send)`` is the ASGI entry point."""
+    """The fake API. ``await sim(scope, receive, send)`` is the ASGI entry point.
+
+    ``cloud``: the ``SimCloud`` to serve; without one, a new one is made from ``clock`` (the
+    system clock by default) and the timing options, which are ignored when ``cloud`` is
+    given."""
 
     def __init__(
         self,
         *,
+        cloud: SimCloud | None = None,
         token: str = "sim-token",
         clock: Clock | None = None,
         page_size: int = 100,
@@ -127,32 +127,53 @@ class SurfApiSim:
         prefix: str = "/v1",
         history: int = 10_000,
     ) -> None:
+        self.cloud = cloud or SimCloud(
+            clock or SystemClock(), resume_seconds=resume_seconds, pause_seconds=pause_seconds,
+            failed_resume_seconds=failed_resume_seconds, settle_after_reads=settle_after_reads)
         self.token = token
-        self.clock: Clock = clock or SystemClock()
         self.page_size = page_size
-        self.resume_seconds = resume_seconds
-        self.pause_seconds = pause_seconds
-        self.failed_resume_seconds = failed_resume_seconds
-        self.settle_after_reads = settle_after_reads
         self.prefix = prefix.rstrip("/")
-        self.workspaces: dict[str, SimWorkspace] = {}
-        self.resume_posts: Counter[str] = Counter()
-        self.pause_posts: Counter[str] = Counter()
         # Bounded, so a long-running demo does not grow without end.
         self.requests: deque[tuple[str, str]] = deque(maxlen=history)
         self.headers_seen: deque[dict[str, str]] = deque(maxlen=history)
         self.lock = threading.Lock()  # tests poke state from another thread (ServerThread)
         self._faults: list[tuple[int, float | None]] = []
-        self._action_ids = itertools.count(1)
+
+    # -- the cloud behind ------------------------------------------------------------------
+
+    @property
+    def clock(self) -> Clock:
+        return self.cloud.clock
+
+    @property
+    def settle_after_reads(self) -> int | None:
+        return self.cloud.settle_after_reads
+
+    @settle_after_reads.setter
+    def settle_after_reads(self, reads: int | None) -> None:
+        with self.lock:
+            self.cloud.settle_after_reads = reads
+
+    @property
+    def workspaces(self) -> dict[str, SimMachine]:
+        return self.cloud.machines
+
+    @property
+    def resume_posts(self) -> Counter[str]:
+        """Resume actions asked for, per workspace id, refused ones included."""
+        return self.cloud.resume_calls
+
+    @property
+    def pause_posts(self) -> Counter[str]:
+        return self.cloud.pause_calls
 
     # -- set-up and fault injection --------------------------------------------------------
 
     def add(self, name: str, *, id: str | None = None, status: str = "paused",
-            **fields: Any) -> SimWorkspace:
-        ws = SimWorkspace(id=id or str(uuid.uuid4()), name=name, status=status, **fields)
+            **fields: Any) -> SimMachine:
+        """A workspace in the cloud behind (``SimCloud.add``), with a SURF-like uuid id."""
         with self.lock:
-            self.workspaces[ws.id] = ws
-        return ws
+            return self.cloud.add(name, id=id or str(uuid.uuid4()), status=status, **fields)
 
     def fail_requests(self, count: int = 1, *, status: int = 500,
                       retry_after: float | None = None) -> None:
@@ -161,65 +182,12 @@ class SurfApiSim:
             self._faults.extend([(status, retry_after)] * count)
 
     def fail_next_resume(self, workspace_id: str) -> None:
-        """The next resume of this workspace fails after ``failed_resume_seconds``."""
+        """The next resume of this workspace fails (after the cloud's failed-resume time)."""
         with self.lock:
-            self.workspaces[workspace_id].fail_next_resume = True
+            self.cloud.fail_next_resume(workspace_id)
 
-    def by_name(self, name: str) -> SimWorkspace:
-        return next(ws for ws in self.workspaces.values() if ws.name == name)
-
-    # -- the status walk -------------------------------------------------------------------
-
-    def _settle(self, ws: SimWorkspace) -> None:
-        """Finish a transition whose time has come (called before every read)."""
-        if ws.transition_ends is None:
-            return
-        if ws.reads_left is not None:
-            ws.reads_left -= 1
-            if ws.reads_left > 0:
-                return
-        elif self.clock.now() < ws.transition_ends:
-            return
-        ws.transition_ends = None
-        ws.reads_left = None
-        latest = ws.actions[-1] if ws.actions else None
-        if ws.failing:
-            ws.failing = False
-            ws.status = "paused"
-            if latest is not None:
-                latest.update(status="failed", result={"error": RESUME_FAILURE})
-        else:
-            ws.status = _TRANSITIONS.get(ws.status, ws.status)
-            if latest is not None:
-                latest.update(status="success", result={})
-        if latest is not None:
-            latest["time_updated"] = self._stamp()
-
-    def _stamp(self) -> str:
-        stamp = datetime.fromtimestamp(self.clock.wall(), tz=timezone.utc)
-        return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-    def _start(self, ws: SimWorkspace, action: str) -> None:
-        if action == "resume":
-            ws.status = "resuming"
-            ws.failing = ws.fail_next_resume
-            ws.fail_next_resume = False
-            delay = self.failed_resume_seconds if ws.failing else self.resume_seconds
-        else:
-            ws.status = "pausing"
-            delay = self.pause_seconds
-        ws.transition_ends = self.clock.now() + delay
-        ws.reads_left = self.settle_after_reads
-        ws.actions.append({
-            "id": next(self._action_ids),
-            "type": action,
-            "status": "pending",
-            "reason": "API",
-            "result": None,
-            "time_created": self._stamp(),
-            "time_updated": None,
-            "issuer_display_name": None,
-        })
+    def by_name(self, name: str) -> SimMachine:
+        return self.cloud.find(name)
 
     # -- ASGI ------------------------------------------------------------------------------
 
@@ -264,27 +232,24 @@ class SurfApiSim:
             query = dict(parse_qsl(scope.get("query_string", b"").decode()))
             if parts == [""] and method == "GET":
                 return 200, self._list(scope, headers, query), {}
-            ws = self.workspaces.get(parts[0])
-            if ws is None or (ws.deleted and method != "GET"):
+            machine = self.cloud.machines.get(parts[0])
+            if machine is None or (machine.deleted and method != "GET"):
                 return 404, _error(404, "Not found."), {}
-            self._settle(ws)
             if len(parts) == 1 and method == "GET":
-                return 200, ws.to_json(), {}
+                return 200, workspace_json(self.cloud.machine_now(machine.id)), {}
             if len(parts) == 3 and parts[1] == "actions" and method == "POST":
-                return self._action(ws, parts[2])
+                return self._action(machine, parts[2])
             return 405, _error(405, "Method not allowed."), {}
 
     def _list(self, scope: Scope, headers: dict[str, str], query: dict[str, str]
               ) -> dict[str, Any]:
-        items = sorted(self.workspaces.values(), key=lambda ws: ws.name)
-        for ws in items:
-            self._settle(ws)
+        items = sorted(self.cloud.machines_now(), key=lambda m: m.name)
         if "application_type" in query:
-            items = [ws for ws in items if ws.application_type == query["application_type"]]
+            items = [m for m in items if m.application_type == query["application_type"]]
         if query.get("deleted") == "false":
-            items = [ws for ws in items if not ws.deleted]
+            items = [m for m in items if not m.deleted]
         if query.get("name"):
-            items = [ws for ws in items if query["name"].lower() in ws.name.lower()]
+            items = [m for m in items if query["name"].lower() in m.name.lower()]
         limit = min(int(query.get("limit", self.page_size)), self.page_size)
         offset = int(query.get("offset", 0))
         page = items[offset : offset + limit]
@@ -298,19 +263,22 @@ class SurfApiSim:
             "count": len(items),
             "next": link(offset + limit) if offset + limit < len(items) else None,
             "previous": link(max(0, offset - limit)) if offset > 0 else None,
-            "results": [ws.to_json() for ws in page],
+            "results": [workspace_json(m) for m in page],
         }
 
-    def _action(self, ws: SimWorkspace, action: str) -> tuple[int, Any, dict[str, str]]:
-        if action not in ("resume", "pause"):
+    def _action(self, machine: SimMachine, action: str) -> tuple[int, Any, dict[str, str]]:
+        start = {"resume": self.cloud.resume_now, "pause": self.cloud.pause_now}.get(action)
+        if start is None:
             return 400, _error(400, f"Action {action} is not supported here."), {}
-        (self.resume_posts if action == "resume" else self.pause_posts)[ws.id] += 1
-        if action not in _ALLOWED.get(ws.status, []):
+        try:
+            machine = start(machine.id)
+        except ActionRefused:
             return 400, _error(
-                400, f"Action {action} is not allowed for a workspace in status {ws.status}."
-            ), {}
-        self._start(ws, action)
-        return 200, ws.to_json(), {}  # like SURF: the answer still shows "resuming"
+                400, f"Action {action} is not allowed for a workspace in status "
+                     f"{machine.status}."), {}
+        except GpuNotFound:
+            return 404, _error(404, "Not found."), {}
+        return 200, workspace_json(machine), {}  # like SURF: the answer still shows "resuming"
 
 
 def _error(code: int, message: str) -> dict[str, Any]:

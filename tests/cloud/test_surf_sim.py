@@ -11,6 +11,7 @@ import pytest
 from gpuctl.cloud.surf import SurfProvider
 from gpuctl.engine.clock import FakeClock
 from gpuctl.errors import ActionRefused, CloudRateLimited, CredentialsError, GpuNotFound
+from gpuctl.sim.cloud import SimCloud
 from gpuctl.sim.servers import running
 from gpuctl.sim.surf_api import RESUME_FAILURE, SurfApiSim
 
@@ -124,3 +125,23 @@ async def test_wrong_token_and_unknown_id(env: Env) -> None:
         await env.provider.list_workspaces()
     with pytest.raises(GpuNotFound):
         await env.provider.get_workspace("no-such-id")
+
+
+async def test_the_api_is_a_face_over_one_sim_cloud() -> None:
+    clock = FakeClock()
+    cloud = SimCloud(clock, resume_seconds=30)
+    machine = cloud.add("ollama-a")
+    sim = SurfApiSim(cloud=cloud, token="tok")
+    async with running(sim) as url:
+        provider = SurfProvider(f"{url}/v1", "tok", name_filter="ollama")
+        try:
+            over_http = await provider.resume(machine.id)
+            direct = await cloud.get_workspace(machine.id)
+            await clock.advance(30)
+            later = await provider.get_workspace(machine.id)
+        finally:
+            await provider.aclose()
+
+    assert (over_http.status, direct.status, later.status) == ("resuming", "resuming", "running")
+    assert cloud.resume_calls[machine.id] == sim.resume_posts[machine.id] == 1
+    assert (later.last_action, later.last_action_status) == ("resume", "success")
