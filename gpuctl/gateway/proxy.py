@@ -15,7 +15,8 @@ client parses every line) → relay → ``engine.release``. A client that discon
 the request wherever it is: out of the queue, or the upstream connection closed (Ollama
 stops generating) and the slot freed at once. A node that dies mid-stream ends the stream
 with an error line (NDJSON) or without ``[DONE]`` (SSE, as Ollama does) and the GPU is
-marked for a re-probe.
+marked for a re-probe. A node whose proxy refuses the gateway's node token (401/403) is a
+502 naming the GPU, never a relayed 401 that would blame the client's own key.
 """
 
 from __future__ import annotations
@@ -74,6 +75,21 @@ _KEEPALIVE_SECONDS = 15.0
 #: Tries per request when nodes fail before answering (each on another GPU if one is ready).
 _ATTEMPTS = 3
 _USAGE_BODY_LIMIT = 256 * 1024
+#: What a node's proxy answers when the gateway's node token is wrong (gpu-node/Caddyfile).
+_REFUSED = frozenset({401, 403})
+
+
+class _NodeRefused(Exception):
+    """The node's proxy refused the gateway's node token.
+
+    Relaying that 401 would tell the client its own key was wrong, when the key was fine
+    and the gateway is misconfigured: it becomes a 502 naming the GPU and the fix instead.
+    Not retried on another GPU: every node expects the same token.
+    """
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"refused the gateway's node token (HTTP {status}); set "
+                         "GPUCTL_NODE_TOKEN for the gateway to the token the node expects")
 
 
 async def handle(gw: Gateway, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
@@ -229,6 +245,9 @@ class _Call:
             try:
                 status, usage, failed = await self._relay(ticket)
                 return status
+            except _NodeRefused as exc:
+                failed = f"{ticket.gpu_name}: {exc}"
+                return await self._fail(502, f"GPU {ticket.gpu_name} {exc}")
             except UpstreamError as exc:
                 failed = f"{ticket.gpu_name}: {exc}"
                 if exc.sent or attempt == _ATTEMPTS:
@@ -245,6 +264,9 @@ class _Call:
         headers = [(k, v) for k, v in self.scope["headers"] if k not in _SKIP]
         headers += self.gw.node_headers
         response = await self.gw.pool.request(ticket.base_url, "POST", path, headers, self.body)
+        if response.status in _REFUSED:
+            await response.aclose()
+            raise _NodeRefused(response.status)
         try:
             return await self._relay_body(ticket, response)
         finally:
