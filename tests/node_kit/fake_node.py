@@ -113,8 +113,12 @@ class FakeNode:
                 "headers": [(b"content-type", content_type.encode())],
             }
         )
+        # Bind this stream to the releases of its own test: a stream a previous test left
+        # parked (a proxy need not cancel it when the client goes) waits on the old
+        # semaphore after ``reset`` and can never take a release meant for this one.
+        released = self.released
         for k in range(self.chunks):
-            await asyncio.wait_for(self.released.acquire(), RELEASE_TIMEOUT)
+            await asyncio.wait_for(released.acquire(), RELEASE_TIMEOUT)
             self.sent_at.append(time.monotonic())
             await send(
                 {
