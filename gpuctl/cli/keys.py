@@ -8,6 +8,8 @@ key with the usage the engine recorded for its user (the key's name).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -33,23 +35,20 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (stable keys) 
 def _app(ctx: typer.Context) -> AppContext:
     from gpuctl.cli.context import AppContext
 
-    obj = ctx.find_root().obj
-    if not isinstance(obj, AppContext):
-        obj = AppContext()
-        ctx.find_root().obj = obj
-    return obj
+    return AppContext.of(ctx)
 
 
-def _state_dir(app_ctx: AppContext) -> Path:
+@contextmanager
+def _key_store(app_ctx: AppContext) -> Iterator[KeyStore]:
+    """The key store for one command, closed (and its writes flushed) when it is done."""
     from gpuctl.config import state_dir
-
-    return state_dir(app_ctx.config, app_ctx.env)
-
-
-def _open_keys(app_ctx: AppContext) -> KeyStore:
     from gpuctl.store.keys import KeyStore
 
-    return KeyStore.open(_state_dir(app_ctx))
+    keys = KeyStore.open(state_dir(app_ctx.config, app_ctx.env))
+    try:
+        yield keys
+    finally:
+        keys.close()
 
 
 def _when(epoch: float | None) -> str:
@@ -88,11 +87,8 @@ def create(
 ) -> None:
     """Create a key and print it once: store it now, it cannot be shown again."""
     app_ctx = _app(ctx)
-    keys = _open_keys(app_ctx)
-    try:
+    with _key_store(app_ctx) as keys:
         key, secret = keys.create(name, email=email, admin=admin)
-    finally:
-        keys.close()
     if as_json:
         emit_json({**_key_json(key), "key": secret})
         return
@@ -104,15 +100,12 @@ def create(
 @app.command("list")
 def list_keys(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List keys with their use: requests, tokens, GPU-seconds (never the keys)."""
-    from gpuctl.store import Store, UsageTotals
+    from gpuctl.store import UsageTotals
 
     app_ctx = _app(ctx)
-    keys = _open_keys(app_ctx)
-    try:
+    with _key_store(app_ctx) as keys:
         records = keys.all()
-    finally:
-        keys.close()
-    store = Store.open(_state_dir(app_ctx))
+    store = app_ctx.open_store()
     try:
         usage = store.usage()
     finally:
@@ -149,11 +142,8 @@ def revoke(
 ) -> None:
     """Revoke a key; a running gateway refuses it from the next request on."""
     app_ctx = _app(ctx)
-    keys = _open_keys(app_ctx)
-    try:
+    with _key_store(app_ctx) as keys:
         key = keys.revoke(key_id)
-    finally:
-        keys.close()
     if as_json:
         emit_json(_key_json(key))
     else:
@@ -169,11 +159,8 @@ def import_keys(
 ) -> None:
     """Import the old service's api_keys.json; the keys keep working, stored hashed."""
     app_ctx = _app(ctx)
-    keys = _open_keys(app_ctx)
-    try:
+    with _key_store(app_ctx) as keys:
         imported = keys.import_file(file)
-    finally:
-        keys.close()
     if as_json:
         emit_json([_key_json(k) for k in imported])
         return

@@ -34,9 +34,10 @@ from gpuctl.config import Config, PathsConfig, TimingConfig
 from gpuctl.engine.clock import SystemClock
 from gpuctl.engine.engine import Engine
 from gpuctl.node.client import NodeClient
+from gpuctl.sim.asgi import Receive, Scope, Send
 from gpuctl.sim.cloud import SimCloud
 from gpuctl.sim.narration import NarratedEngine, Narrator
-from gpuctl.sim.ollama import Receive, Scope, Send, SimOllama
+from gpuctl.sim.ollama import SimOllama
 from gpuctl.sim.servers import running
 from gpuctl.store import Store
 from gpuctl.store.keys import KeyStore

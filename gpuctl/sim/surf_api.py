@@ -21,20 +21,17 @@ import json
 import threading
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from gpuctl.engine.clock import Clock, SystemClock
 from gpuctl.errors import ActionRefused, GpuNotFound
+from gpuctl.sim.asgi import Receive, Scope, Send, answer_lifespan
 from gpuctl.sim.cloud import RESUME_FAILURE, SimAction, SimCloud, SimMachine
 
 __all__ = ["RESUME_FAILURE", "SurfApiSim", "workspace_json"]
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 def _stamp(wall: float | None) -> str | None:
@@ -193,13 +190,8 @@ class SurfApiSim:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         while (await receive()).get("more_body"):

@@ -1,0 +1,27 @@
+"""What every simulated server shares: the ASGI types and an answer to the lifespan protocol.
+
+The simulated nodes and cloud are raw ASGI apps (no framework, so they stay fast enough to
+benchmark the gateway against); Hypercorn opens each with a lifespan exchange first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+__all__ = ["Receive", "Scope", "Send", "answer_lifespan"]
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge startup and shutdown; returns once the server shuts the app down."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
