@@ -3,8 +3,11 @@ in-memory keyring, so no test reads the developer's config, tokens or OS keyring
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import keyring
@@ -58,3 +61,28 @@ def memory_keyring() -> Iterator[MemoryKeyring]:
         yield backend
     finally:
         keyring.set_keyring(previous)
+
+
+GpuctlProcess = Callable[..., contextlib.AbstractContextManager["subprocess.Popen[str]"]]
+
+
+@pytest.fixture
+def gpuctl_process(gpuctl_home: Path) -> GpuctlProcess:
+    """``with gpuctl_process("serve", "--demo", env={...}) as proc``: gpuctl as a real
+    process (stderr piped, as text), killed and reaped however the test ends."""
+
+    @contextlib.contextmanager
+    def start(*args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+        full_env = {**os.environ, "GPUCTL_HOME": str(gpuctl_home), **(env or {})}
+        proc = subprocess.Popen([sys.executable, "-m", "gpuctl", *args], env=full_env,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+    return start

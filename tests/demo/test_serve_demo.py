@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from gpuctl.cli.remote import DEMO_FILE
 
+if TYPE_CHECKING:
+    from conftest import GpuctlProcess  # tests/conftest.py: the gpuctl_process fixture
+
 
 def test_serve_demo_prints_the_key_and_three_commands_and_exits_0_on_sigterm(
-    gpuctl_home: Path,
+    gpuctl_home: Path, gpuctl_process: GpuctlProcess,
 ) -> None:
-    env = {**os.environ, "GPUCTL_HOME": str(gpuctl_home),
-           # Any attempt to read a keyring fails loudly: the demo needs no credentials.
-           "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
-    proc = subprocess.Popen([sys.executable, "-m", "gpuctl", "serve", "--demo", "--port", "0"],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    try:
+    # Any attempt to read a keyring fails loudly: the demo needs no credentials.
+    env = {"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+    with gpuctl_process("serve", "--demo", "--port", "0", env=env) as proc:
         assert proc.stderr is not None
         intro: list[str] = []
         for line in proc.stderr:  # ends at the last line of the intro (or at EOF: a failure)
@@ -48,21 +46,12 @@ def test_serve_demo_prints_the_key_and_three_commands_and_exits_0_on_sigterm(
         assert proc.wait(15) == 0
         assert not (gpuctl_home / "cache" / DEMO_FILE).exists()
         assert not (gpuctl_home / "state").exists()  # the user's own state is untouched
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 def test_serve_demo_stopped_right_after_its_intro_still_exits_0_and_cleans_up(
-    gpuctl_home: Path,
+    gpuctl_home: Path, gpuctl_process: GpuctlProcess,
 ) -> None:
-    env = {**os.environ, "GPUCTL_HOME": str(gpuctl_home)}
-    proc = subprocess.Popen([sys.executable, "-m", "gpuctl", "serve", "--demo", "--port", "0"],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    try:
+    with gpuctl_process("serve", "--demo", "--port", "0") as proc:
         assert proc.stderr is not None
         for line in proc.stderr:
             if line.startswith("Watch the fleet"):
@@ -70,9 +59,3 @@ def test_serve_demo_stopped_right_after_its_intro_still_exits_0_and_cleans_up(
         proc.send_signal(signal.SIGTERM)  # before the gateway has even started its engine
         assert proc.wait(15) == 0
         assert not (gpuctl_home / "cache" / DEMO_FILE).exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        if proc.stderr is not None:
-            proc.stderr.close()

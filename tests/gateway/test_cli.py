@@ -6,9 +6,8 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from typer.testing import CliRunner, Result
@@ -20,6 +19,9 @@ from gpuctl.sim.servers import ServerThread
 from gpuctl.sim.surf_api import SurfApiSim
 from gpuctl.store import Store
 from gpuctl.store.keys import KeyStore
+
+if TYPE_CHECKING:
+    from conftest import GpuctlProcess  # tests/conftest.py: the gpuctl_process fixture
 
 
 def gpuctl(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -95,19 +97,16 @@ def test_serve_with_a_rejected_cloud_token_exits_4(gpuctl_home: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_serve_drains_a_stream_on_sigterm_and_exits_0(gpuctl_home: Path) -> None:
+def test_serve_drains_a_stream_on_sigterm_and_exits_0(
+    gpuctl_home: Path, gpuctl_process: GpuctlProcess,
+) -> None:
     keys = KeyStore.open(gpuctl_home / "state")
     _, secret = keys.create("alice")
     keys.close()
     node = SimOllama(["llama3.2"], chunks=5, interval=0.1)
     with ServerThread(node) as node_url:
-        env = {**os.environ, "GPUCTL_HOME": str(gpuctl_home),
-               "GPUCTL_CLOUD_API__PROVIDER": "static",
-               "GPUCTL_CLOUD_API__HOSTS": node_url}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpuctl", "serve", "--port", "0"],
-            env=env, stderr=subprocess.PIPE, text=True)
-        try:
+        env = {"GPUCTL_CLOUD_API__PROVIDER": "static", "GPUCTL_CLOUD_API__HOSTS": node_url}
+        with gpuctl_process("serve", "--port", "0", env=env) as proc:
             assert proc.stderr is not None
             banner = proc.stderr.readline()
             match = re.search(r"http://([\d.]+:\d+)", banner)
@@ -122,9 +121,3 @@ def test_serve_drains_a_stream_on_sigterm_and_exits_0(gpuctl_home: Path) -> None
                 rest = [json.loads(line) for line in lines]
             assert rest[-1]["done"] is True
             assert proc.wait(15) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
-            if proc.stderr is not None:
-                proc.stderr.close()
