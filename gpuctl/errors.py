@@ -20,7 +20,8 @@ gateway answers ``{"error": "<message>"}``. No other exception should reach a us
     ├── NotCloudManaged              HTTP 409          resume/pause of a static host
     ├── NodeError                    exit 1, HTTP 502  a GPU's Ollama failed or vanished
     ├── WakeFailed                   exit 1, HTTP 503  a resume failed or timed out
-    └── Unavailable                  exit 1, HTTP 503  queue full or wait limit passed
+    ├── Unavailable                  exit 1, HTTP 503  queue full or wait limit passed
+    └── SchemaTooNew                 exit 1            the database is from a newer gpuctl
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "NodeError",
     "NotCloudManaged",
     "NotFoundError",
+    "SchemaTooNew",
     "Unavailable",
     "UsageError",
     "WakeFailed",
@@ -147,3 +149,7 @@ class Unavailable(GpuctlError):
     ) -> None:
         super().__init__(message, hint=hint)
         self.retry_after = retry_after
+
+
+class SchemaTooNew(GpuctlError):
+    """The state database was written by a newer gpuctl; reading it could corrupt it."""

@@ -30,24 +30,12 @@ from pydantic import BaseModel
 
 from gpuctl.errors import NotFoundError, UsageError
 from gpuctl.store.db import DB_FILENAME, data_version, open_db
+from gpuctl.store.migrations import migrate
 
 __all__ = ["KEY_PREFIX", "ApiKey", "KeyStore", "hash_key"]
 
 KEY_PREFIX = "sk-"
 Role = Literal["admin", "user"]
-
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS api_keys (
-        id TEXT PRIMARY KEY,
-        key_hash TEXT NOT NULL UNIQUE,
-        name TEXT NOT NULL,
-        email TEXT NOT NULL DEFAULT '',
-        role TEXT NOT NULL DEFAULT 'user',
-        created REAL NOT NULL,
-        last_used REAL,
-        revoked REAL
-    )""",
-)
 
 
 class ApiKey(BaseModel):
@@ -107,8 +95,7 @@ class KeyStore:
     def __init__(self, conn: sqlite3.Connection, *, own_connection: bool = False) -> None:
         self._conn = conn
         self._own = own_connection
-        for statement in SCHEMA:
-            conn.execute(statement)
+        migrate(conn)
         self._version: int | None = None
         self._by_hash: dict[str, ApiKey] = {}
         self._hash_of: dict[str, str] = {}
@@ -117,7 +104,7 @@ class KeyStore:
     @classmethod
     def open(cls, state_dir: Path) -> KeyStore:
         """Open (or create) the key table in ``state_dir / gpuctl.db``."""
-        return cls(open_db(state_dir / DB_FILENAME, SCHEMA), own_connection=True)
+        return cls(open_db(state_dir / DB_FILENAME), own_connection=True)
 
     def close(self) -> None:
         self.flush()

@@ -20,29 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpuctl.store.db import DB_FILENAME, open_db
+from gpuctl.store.db import DB_FILENAME, memory_db, open_db
 
 __all__ = ["LeaseRecord", "PendingAction", "Store", "UsageTotals"]
-
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS leases (
-        gpu_id TEXT NOT NULL, user TEXT NOT NULL, expires_at REAL NOT NULL,
-        seconds REAL NOT NULL DEFAULT 0, PRIMARY KEY (gpu_id, user))""",
-    """CREATE TABLE IF NOT EXISTS known_models (
-        gpu_id TEXT PRIMARY KEY, models TEXT NOT NULL, seen_at REAL NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS resume_history (
-        gpu_id TEXT NOT NULL, seconds REAL NOT NULL, ok INTEGER NOT NULL,
-        at REAL NOT NULL, reason TEXT)""",
-    "CREATE INDEX IF NOT EXISTS resume_history_gpu ON resume_history (gpu_id, at)",
-    """CREATE TABLE IF NOT EXISTS load_history (
-        model TEXT NOT NULL, seconds REAL NOT NULL, at REAL NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS pending_actions (
-        gpu_id TEXT PRIMARY KEY, action TEXT NOT NULL, started_at REAL NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS usage (
-        user TEXT PRIMARY KEY, requests INTEGER NOT NULL DEFAULT 0,
-        tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
-        gpu_seconds REAL NOT NULL DEFAULT 0, last_at REAL)""",
-)
 
 #: How many past resumes per GPU feed the estimate; old ones describe another cloud mood.
 HISTORY_KEEP = 20
@@ -93,16 +73,12 @@ class Store:
     @classmethod
     def open(cls, state_dir: Path) -> Store:
         path = Path(state_dir) / DB_FILENAME
-        return cls(open_db(path, SCHEMA), path)
+        return cls(open_db(path), path)
 
     @classmethod
     def memory(cls) -> Store:
         """A throw-away store (tests, benchmarks, ``serve --demo``)."""
-        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        for statement in SCHEMA:
-            conn.execute(statement)
-        return cls(conn, Path(":memory:"))
+        return cls(memory_db(), Path(":memory:"))
 
     def close(self) -> None:
         self.flush()

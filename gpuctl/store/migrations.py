@@ -1,0 +1,112 @@
+"""The store's schema, as an ordered, append-only list of migrations.
+
+SQLite keeps one integer in the file header, ``PRAGMA user_version``: the number of
+migrations applied to that database. Opening a database applies the ones it lacks, in
+order, in one transaction, so a database made by any release of gpuctl opens in every later
+one (the way simonw's ``llm`` keeps its ``migrations.py``). A database whose version is
+higher than the code knows was written by a newer gpuctl: it is refused with a clear error
+rather than half-understood, since an older writer could silently corrupt columns it does not
+know about.
+
+Rules for whoever adds a migration: append a function to ``MIGRATIONS``, never edit or
+reorder one that has shipped, and write it so that it works on the database the previous
+migrations left (``ALTER TABLE ... ADD COLUMN``, new tables, data copies). Migration 1 is
+the schema of the releases before versioning; its ``IF NOT EXISTS`` lets a database of those
+releases (version 0 with the tables present) take it as a no-op.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from gpuctl.errors import SchemaTooNew
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate", "schema_version"]
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _m001_initial(conn: sqlite3.Connection) -> None:
+    """The schema gpuctl shipped without a version: keys, leases, history, usage."""
+    for statement in (
+        """CREATE TABLE IF NOT EXISTS api_keys (
+            id TEXT PRIMARY KEY,
+            key_hash TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            email TEXT NOT NULL DEFAULT '',
+            role TEXT NOT NULL DEFAULT 'user',
+            created REAL NOT NULL,
+            last_used REAL,
+            revoked REAL
+        )""",
+        """CREATE TABLE IF NOT EXISTS leases (
+            gpu_id TEXT NOT NULL, user TEXT NOT NULL, expires_at REAL NOT NULL,
+            seconds REAL NOT NULL DEFAULT 0, PRIMARY KEY (gpu_id, user))""",
+        """CREATE TABLE IF NOT EXISTS known_models (
+            gpu_id TEXT PRIMARY KEY, models TEXT NOT NULL, seen_at REAL NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS resume_history (
+            gpu_id TEXT NOT NULL, seconds REAL NOT NULL, ok INTEGER NOT NULL,
+            at REAL NOT NULL, reason TEXT)""",
+        "CREATE INDEX IF NOT EXISTS resume_history_gpu ON resume_history (gpu_id, at)",
+        """CREATE TABLE IF NOT EXISTS load_history (
+            model TEXT NOT NULL, seconds REAL NOT NULL, at REAL NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS pending_actions (
+            gpu_id TEXT PRIMARY KEY, action TEXT NOT NULL, started_at REAL NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS usage (
+            user TEXT PRIMARY KEY, requests INTEGER NOT NULL DEFAULT 0,
+            tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
+            gpu_seconds REAL NOT NULL DEFAULT 0, last_at REAL)""",
+    ):
+        conn.execute(statement)
+
+
+#: Applied in order; the position (1-based) is the ``user_version`` a database reaches.
+MIGRATIONS: tuple[Migration, ...] = (
+    _m001_initial,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The number of migrations the database at ``conn`` has taken."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection, *, path: str = "") -> int:
+    """Bring the database up to ``SCHEMA_VERSION``; returns the version it had before.
+
+    Runs in one ``BEGIN IMMEDIATE`` transaction and re-reads the version inside it, so two
+    processes opening a fresh database at once migrate it once. Raises ``SchemaTooNew`` for
+    a database from a newer gpuctl. ``conn`` must be in autocommit mode
+    (``isolation_level=None``).
+    """
+    before = schema_version(conn)
+    if before == SCHEMA_VERSION:
+        return before
+    _refuse_newer(before, path)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        before = schema_version(conn)
+        _refuse_newer(before, path)
+        for number in range(before + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[number - 1](conn)
+        # PRAGMA takes no parameters; the value is our own integer.
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return before
+
+
+def _refuse_newer(version: int, path: str) -> None:
+    if version > SCHEMA_VERSION:
+        where = f" {path}" if path else ""
+        raise SchemaTooNew(
+            f"the database{where} has schema version {version}, but this gpuctl knows only "
+            f"up to {SCHEMA_VERSION}: a newer gpuctl wrote it",
+            hint="Upgrade gpuctl (`pipx upgrade gpuctl`), or point GPUCTL_HOME at another "
+            "state directory.",
+        )
