@@ -1,5 +1,6 @@
 """gpuctl.store: durable state in SQLite (leases, known models, resume history, usage)."""
 
+from gpuctl.store.ledger import RequestRow, TimelineEvent
 from gpuctl.store.store import LeaseRecord, PendingAction, Store, UsageTotals
 
-__all__ = ["LeaseRecord", "PendingAction", "Store", "UsageTotals"]
+__all__ = ["LeaseRecord", "PendingAction", "RequestRow", "Store", "TimelineEvent", "UsageTotals"]

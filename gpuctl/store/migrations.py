@@ -61,9 +61,39 @@ def _m001_initial(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _m002_ledger(conn: sqlite3.Connection) -> None:
+    """The ledger: every GPU status change, one row per request, and daily roll-ups."""
+    for statement in (
+        """CREATE TABLE gpu_timeline (
+            gpu_id TEXT NOT NULL, at REAL NOT NULL, status TEXT NOT NULL,
+            cause TEXT NOT NULL, flavour TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX gpu_timeline_gpu_at ON gpu_timeline (gpu_id, at)",
+        "CREATE INDEX gpu_timeline_at ON gpu_timeline (at)",
+        """CREATE TABLE request_log (
+            at REAL NOT NULL, key_id TEXT NOT NULL, user TEXT NOT NULL, route TEXT NOT NULL,
+            model TEXT NOT NULL, gpu_id TEXT, status INTEGER NOT NULL,
+            queued_s REAL NOT NULL DEFAULT 0, wake_gpu TEXT, ttfb_s REAL,
+            duration_s REAL NOT NULL DEFAULT 0, served_at REAL,
+            service_s REAL NOT NULL DEFAULT 0, lease_s REAL NOT NULL DEFAULT 0,
+            tokens_in INTEGER NOT NULL DEFAULT 0, tokens_out INTEGER NOT NULL DEFAULT 0,
+            outcome TEXT NOT NULL)""",
+        "CREATE INDEX request_log_at ON request_log (at)",
+        """CREATE TABLE usage_daily (
+            day TEXT NOT NULL, by TEXT NOT NULL, key TEXT NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0, tokens_in INTEGER NOT NULL DEFAULT 0,
+            tokens_out INTEGER NOT NULL DEFAULT 0, cold INTEGER NOT NULL DEFAULT 0,
+            serving REAL NOT NULL DEFAULT 0, waking REAL NOT NULL DEFAULT 0,
+            held REAL NOT NULL DEFAULT 0, PRIMARY KEY (day, by, key))""",
+        """CREATE TABLE budgets (
+            key_id TEXT PRIMARY KEY, gpu_seconds REAL NOT NULL, per TEXT NOT NULL)""",
+    ):
+        conn.execute(statement)
+
+
 #: Applied in order; the position (1-based) is the ``user_version`` a database reaches.
 MIGRATIONS: tuple[Migration, ...] = (
     _m001_initial,
+    _m002_ledger,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

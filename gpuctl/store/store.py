@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuctl.store.db import DB_FILENAME, memory_db, open_db
+from gpuctl.store.ledger import LedgerStore, RequestRow
 
 __all__ = ["LeaseRecord", "PendingAction", "Store", "UsageTotals"]
 
@@ -69,6 +70,8 @@ class Store:
         self.conn = conn
         self.path = path
         self._usage: dict[str, UsageTotals] = {}
+        #: The ledger's tables (GPU timeline, request log, roll-ups, budgets).
+        self.ledger = LedgerStore(conn)
 
     @classmethod
     def open(cls, state_dir: Path) -> Store:
@@ -101,8 +104,17 @@ class Store:
         if at is not None:
             totals.last_at = at
 
+    def requests(self, since: float, until: float) -> list[RequestRow]:
+        """The requests that arrived in ``[since, until)`` (wall-clock seconds), oldest first.
+
+        Typed rows with arrival time, user, model, GPU, service seconds and tokens out; see
+        ``gpuctl.store.ledger.RequestRow``. Rows not yet flushed are included.
+        """
+        return self.ledger.requests(since, until)
+
     def flush(self) -> None:
-        """Write the usage summed since the last flush, in one transaction."""
+        """Write the usage summed and the request rows kept since the last flush."""
+        self.ledger.flush()
         if not self._usage:
             return
         pending, self._usage = self._usage, {}
