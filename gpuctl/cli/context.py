@@ -133,7 +133,9 @@ class AppContext:
         from gpuctl.engine.engine import Engine
 
         node_token = self.credentials().find("node_token")
-        return Engine(self.config, cloud, store, clock=self.clock,
+        # observe_fleet=False: a command records its own actions on the ledger, not the
+        # fleet it happens to see (the gateway is the one writer of what it observes).
+        return Engine(self.config, cloud, store, clock=self.clock, observe_fleet=False,
                       nodes=_node_factory(self.config, node_token.value if node_token else None))
 
     @contextlib.asynccontextmanager

@@ -22,6 +22,7 @@ from gpuctl.config import Config
 from gpuctl.engine.clock import Clock
 from gpuctl.engine.estimates import Estimator
 from gpuctl.engine.fleet import ERROR_STATUSES, Flight, Gpu, WakeStage
+from gpuctl.engine.ledger import Ledger
 from gpuctl.errors import ActionRefused, CloudError, GpuctlError, GpuNotFound, WakeFailed
 from gpuctl.store import Store
 
@@ -61,7 +62,7 @@ class FleetHooks(Protocol):
 class Actions:
     def __init__(
         self, config: Config, cloud: CloudProvider, clock: Clock, store: Store,
-        estimator: Estimator, hooks: FleetHooks,
+        estimator: Estimator, hooks: FleetHooks, ledger: Ledger,
     ) -> None:
         self.config = config
         self.cloud = cloud
@@ -69,6 +70,7 @@ class Actions:
         self.store = store
         self.estimator = estimator
         self.hooks = hooks
+        self.ledger = ledger
 
     async def resume(self, gpu: Gpu, flight: Flight, *, adopt: bool = False) -> float:
         """Resume ``gpu`` until its Ollama answers; returns the seconds it took.
@@ -102,6 +104,7 @@ class Actions:
                 log.info("%s resumed in %.0f s", gpu.name, elapsed)
                 return elapsed
             except WakeFailed as exc:
+                self.ledger.action(gpu, "failed", flight.cause)
                 elapsed = clock.now() - flight.started
                 self.store.record_resume(
                     gpu.id, elapsed, ok=False, at=clock.wall(), reason=str(exc)
@@ -139,7 +142,7 @@ class Actions:
                     not progressed and clock.now() - asked_at > BRIDGE_SECONDS
                 )
                 if lost:
-                    ws = await self._ask_resume(gpu)
+                    ws = await self._ask_resume(gpu, flight)
                     asked_at = clock.now()
                     if not flight.accepted.done():
                         flight.accepted.set_result(None)
@@ -160,7 +163,10 @@ class Actions:
             await clock.sleep(min(CLOUD_POLL_SECONDS, timing.poll_interval_seconds, remaining))
             ws = await self._read(gpu, ws, "resuming")
 
-    async def _ask_resume(self, gpu: Gpu) -> Workspace:
+    async def _ask_resume(self, gpu: Gpu, flight: Flight) -> Workspace:
+        # On the ledger before it is sent: a crash after the call still says who caused it.
+        self.ledger.action(gpu, "resuming", flight.cause)
+        flight.recorded = True
         try:
             ws = await self.cloud.resume(gpu.id)
         except ActionRefused:
@@ -189,6 +195,8 @@ class Actions:
         with self._recorded(gpu, flight, adopt=adopt, failure=GpuctlError):
             ws = gpu.ws
             if ws.status not in ("paused", "pausing") and not adopt:
+                self.ledger.action(gpu, "pausing", flight.cause)
+                flight.recorded = True
                 try:
                     ws = await self.cloud.pause(gpu.id)
                 except ActionRefused as exc:

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from gpuctl.store.ledger import RequestRow
+
 __all__ = [
     "ActionResult",
     "EngineMetrics",
@@ -23,6 +25,7 @@ __all__ = [
     "ModelView",
     "Progress",
     "ProgressCallback",
+    "RequestRow",
     "Ticket",
     "Usage",
 ]

@@ -49,13 +49,14 @@ from gpuctl.engine.estimates import Estimator
 from gpuctl.engine.fairqueue import FairQueue
 from gpuctl.engine.fleet import Flight, Gpu, WakeStage, normalize_model
 from gpuctl.engine.leases import LeaseBook, reservation_seconds
+from gpuctl.engine.ledger import Ledger
 from gpuctl.engine.progress import Announcer
 from gpuctl.engine.roster import Roster
 from gpuctl.engine.router import Choice, RouteIndex
 from gpuctl.engine.views import find_gpu, gpu_metrics, gpu_view, ps_entries, union_models
 from gpuctl.engine.waking import Waker
 from gpuctl.errors import CloudError, GpuctlError, Unavailable
-from gpuctl.store import LeaseRecord, Store
+from gpuctl.store import LeaseRecord, RequestRow, Store
 
 __all__ = ["Engine", "NodeFactory"]
 
@@ -72,6 +73,7 @@ class _Grant:
     model: str
     at: float
     lease_seconds: float
+    request: RequestRow | None = None
 
 
 class Engine:
@@ -85,7 +87,10 @@ class Engine:
         *,
         clock: Clock | None = None,
         nodes: NodeFactory | None = None,
+        observe_fleet: bool = True,
     ) -> None:
+        """``observe_fleet=False``: an engine for one CLI command, which records on the
+        ledger only the actions it takes (the gateway keeps the record of the fleet)."""
         self.config = config
         self.cloud = cloud
         self.store = store
@@ -96,8 +101,9 @@ class Engine:
         self._queue = FairQueue(config.server.max_queue)
         self._estimator = Estimator(store.resume_history(), store.load_history())
         self._catalog = ModelCatalog(config.gpu.slots)
+        self.ledger = Ledger(store, self.clock, observe_fleet=observe_fleet)
         self._roster = Roster(config, self.clock, index=self._index, catalog=self._catalog,
-                              leases=self._leases)
+                              leases=self._leases, ledger=self.ledger)
         #: The roster's GPUs by workspace id: read here, added and dropped by discovery.
         self._gpus = self._roster.gpus
         self._background = Background()
@@ -110,7 +116,8 @@ class Engine:
         self._waker = Waker(
             config, cloud, clock=self.clock, store=store, roster=self._roster, queue=self._queue,
             catalog=self._catalog, estimator=self._estimator, leases=self._leases,
-            actions=Actions(config, cloud, self.clock, store, self._estimator, self),
+            actions=Actions(config, cloud, self.clock, store, self._estimator, self,
+                            self.ledger),
             background=self._background, drain=self._drain, count=self.count,
         )
         self._discovery = Discovery(
@@ -240,15 +247,20 @@ class Engine:
                 f"{gpu.in_use}/{gpu.slots} slots in use"
             )
             ticket = self._grant(Choice(gpu, reason), waiter.model, waiter.user,
-                                 waiter.given_name or waiter.model, waited)
+                                 waiter.given_name or waiter.model, waited, waiter.request)
             waiter.future.set_result(ticket)
 
     # -- routing, slots and the queue ----------------------------------------------------------
 
     async def acquire(
-        self, model: str, user: str, *, progress: ProgressCallback | None = None
+        self, model: str, user: str, *, progress: ProgressCallback | None = None,
+        request: RequestRow | None = None,
     ) -> Ticket:
-        """A slot on the best GPU for ``model``: at once, after queueing, or after a wake."""
+        """A slot on the best GPU for ``model``: at once, after queueing, or after a wake.
+
+        ``request`` (from ``begin_request``) is the ledger row the engine fills: how long the
+        request queued, whether it waited for a wake, where and how long it was served.
+        """
         if self._background.stopping:
             raise Unavailable("gpuctl is shutting down", retry_after=10)
         name = normalize_model(model)
@@ -257,7 +269,7 @@ class Engine:
         if not self._queue.depth(name):
             choice = self._index.choose(name, user, self._leases.of_user(user))
             if choice is not None:
-                return self._grant(choice, name, user, model, 0.0)
+                return self._grant(choice, name, user, model, 0.0, request)
         if not self._catalog.known(name) and not self._waker.unknown_candidates():
             raise not_found(model)
         if self._queue.full:
@@ -268,6 +280,7 @@ class Engine:
             )
         future: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
         waiter = self._queue.push(name, user, future, now, progress, model)
+        waiter.request = request
         choice = self._index.choose(name, user, self._leases.of_user(user))
         if choice is not None:  # a free slot nobody handed on yet: hand it on now
             self._drain(choice.gpu)
@@ -294,6 +307,10 @@ class Engine:
             if not self._queue.remove(waiter) and granted:
                 self.release(future.result())  # granted as we were cancelled: give it back
             raise
+        finally:
+            if request is not None:
+                request.queued_s = self.clock.now() - waiter.enqueued_at
+                request.wake_gpu = waiter.wake_gpu
 
     async def _await(self, future: asyncio.Future[Ticket], limit: float) -> Ticket:
         timer: asyncio.Future[Any] = asyncio.ensure_future(self.clock.sleep(limit))
@@ -306,7 +323,8 @@ class Engine:
             return future.result()
         raise TimeoutError
 
-    def _grant(self, choice: Choice, model: str, user: str, given: str, waited: float) -> Ticket:
+    def _grant(self, choice: Choice, model: str, user: str, given: str, waited: float,
+               request: RequestRow | None = None) -> Ticket:
         gpu = choice.gpu
         now = self.clock.now()
         held = self._leases.holders(gpu.id).get(user)
@@ -320,7 +338,7 @@ class Engine:
         gpu.in_use += 1
         self._roster.refile(gpu)
         ticket_id = next(self._ticket_ids)
-        self._grants[ticket_id] = _Grant(gpu, user, model, now, seconds)
+        self._grants[ticket_id] = _Grant(gpu, user, model, now, seconds, request)
         self._counters["granted"] += 1
         return Ticket(
             id=ticket_id,
@@ -342,6 +360,17 @@ class Engine:
             return  # released twice: the first release counted
         now = self.clock.now()
         held = now - grant.at
+        request = grant.request
+        if request is not None:
+            wall = self.clock.wall()
+            request.gpu_id = grant.gpu.id
+            request.served_at = wall - held
+            request.service_s = held
+            request.lease_s = grant.lease_seconds
+            if usage is not None:
+                request.tokens_in, request.tokens_out = usage.tokens_in, usage.tokens_out
+            if failed is not None:
+                request.outcome = "error"
         self.store.record_usage(
             grant.user,
             tokens_in=usage.tokens_in if usage else 0,
@@ -372,6 +401,29 @@ class Engine:
 
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    # -- the request log ---------------------------------------------------------------------
+
+    def begin_request(self, key_id: str, user: str, route: str, model: str = "") -> RequestRow:
+        """A ledger row for a request arriving now; pass it to ``acquire``, then ``end_request``."""
+        return RequestRow(at=self.clock.wall(), key_id=key_id, user=user, route=route,
+                          model=model)
+
+    def end_request(self, request: RequestRow, status: int) -> None:
+        """The request is answered (or its client left): log its row for the next flush.
+
+        The outcome follows from what happened: ``cancelled`` when the client left (499),
+        ``refused`` when it was answered with an error without reaching a GPU, ``error`` for
+        any other error or a node that failed, else ``ok``.
+        """
+        request.status = status
+        if status == 499:
+            request.outcome = "cancelled"
+        elif status >= 400 and request.gpu_id is None:
+            request.outcome = "refused"
+        elif status >= 400:
+            request.outcome = "error"
+        self.ledger.request(request)
 
     # -- admin actions -----------------------------------------------------------------------
 

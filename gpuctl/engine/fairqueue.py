@@ -21,6 +21,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from gpuctl.engine.api import ProgressCallback, Ticket
+from gpuctl.store import RequestRow
 
 __all__ = ["FairQueue", "Waiter"]
 
@@ -37,6 +38,10 @@ class Waiter:
     progress: ProgressCallback | None = None
     given_name: str = ""
     last_position: int | None = field(default=None)
+    #: The GPU whose wake this waiter was told about (the ledger's "waited for a wake").
+    wake_gpu: str | None = None
+    #: The request's ledger row, filled when it leaves the queue.
+    request: RequestRow | None = None
 
     @property
     def seq(self) -> int:

@@ -49,16 +49,23 @@ class Flight:
     task: asyncio.Task[None] | None = None
     stage: str = ""
     grace: bool = True
+    #: Who wanted it, for the ledger: "gateway" (requests, idle pause), "probe" (to learn a
+    #: GPU's models) or "hand" (``gpuctl resume``/``pause``, the admin API).
+    cause: str = "gateway"
+    #: The ledger holds this action (written before the cloud was asked, or adopted).
+    recorded: bool = False
     listeners: list[ProgressCallback] = field(default_factory=list)
     #: Models whose queued requests wait for this wake (they are told its progress).
     models: set[str] = field(default_factory=set)
 
     @classmethod
-    def begin(cls, kind: str, started: float, *, grace: bool = True) -> Flight:
+    def begin(cls, kind: str, started: float, *, grace: bool = True, cause: str = "gateway",
+              recorded: bool = False) -> Flight:
         """A new flight; nobody has to await whether the cloud ``accepted`` it."""
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         accepted.add_done_callback(_consume)
-        return cls(kind=kind, started=started, accepted=accepted, grace=grace)
+        return cls(kind=kind, started=started, accepted=accepted, grace=grace, cause=cause,
+                   recorded=recorded)
 
 
 def _consume(future: asyncio.Future[None]) -> None:

@@ -16,6 +16,7 @@ from gpuctl.engine.catalog import ModelCatalog
 from gpuctl.engine.clock import Clock
 from gpuctl.engine.fleet import Gpu, derive_state
 from gpuctl.engine.leases import LeaseBook
+from gpuctl.engine.ledger import Ledger
 from gpuctl.engine.router import RouteIndex
 
 __all__ = ["Roster"]
@@ -30,13 +31,14 @@ class Roster:
 
     def __init__(
         self, config: Config, clock: Clock, *, index: RouteIndex, catalog: ModelCatalog,
-        leases: LeaseBook,
+        leases: LeaseBook, ledger: Ledger | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
         self._index = index
         self._catalog = catalog
         self._leases = leases
+        self._ledger = ledger
         #: Workspace id -> GPU.
         self.gpus: dict[str, Gpu] = {}
 
@@ -46,6 +48,8 @@ class Roster:
     def drop(self, gpu: Gpu) -> None:
         """Take ``gpu`` out of the fleet: no routing to it, no models, no leases."""
         del self.gpus[gpu.id]
+        if self._ledger is not None:
+            self._ledger.gone(gpu)
         self._index.remove(gpu.id)
         self._catalog.forget(gpu)
         self._leases.drop_gpu(gpu.id)
@@ -61,6 +65,8 @@ class Roster:
         )
         self._index.update(gpu, self._leases.leased(gpu.id))
         self._catalog.set_ready(gpu, ready)
+        if self._ledger is not None:
+            self._ledger.observe(gpu)
 
     def expire(self, now: float) -> None:
         """Drop the leases that ran out by ``now`` and refile the GPUs that held them."""

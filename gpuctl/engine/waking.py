@@ -226,7 +226,8 @@ class Waker:
                 return
             gpu = candidates[0]
             tried.add(gpu.id)
-            flight = self._start_wake(gpu, grace=gpu.has(model))
+            flight = self._start_wake(gpu, grace=gpu.has(model),
+                                      cause="gateway" if gpu.has(model) else "probe")
             flight.models.add(model)
             if flight.task is None:  # pragma: no cover - _start_wake always sets it
                 return
@@ -244,14 +245,16 @@ class Waker:
     # -- the flights -------------------------------------------------------------------------
 
     def _start_wake(
-        self, gpu: Gpu, *, grace: bool, adopt: bool = False, started: float | None = None
+        self, gpu: Gpu, *, grace: bool, adopt: bool = False, started: float | None = None,
+        cause: str = "gateway",
     ) -> Flight:
         """The one resume flight of ``gpu``: joined if under way, begun if not."""
         if gpu.waking is not None:
             gpu.waking.grace = gpu.waking.grace or grace
             return gpu.waking
         flight = Flight.begin(
-            "resume", self._clock.now() if started is None else started, grace=grace
+            "resume", self._clock.now() if started is None else started, grace=grace,
+            cause=cause, recorded=adopt,
         )
         gpu.waking = flight
         flight.task = self._background.spawn(self._wake(gpu, flight, adopt))
@@ -275,11 +278,11 @@ class Waker:
         self.stage(gpu, flight, "ollama_ready")
         self._drain(gpu)
 
-    def _start_pause(self, gpu: Gpu, *, adopt: bool = False) -> Flight:
+    def _start_pause(self, gpu: Gpu, *, adopt: bool = False, cause: str = "gateway") -> Flight:
         """The one pause flight of ``gpu``: joined if under way, begun if not."""
         if gpu.pausing is not None:
             return gpu.pausing
-        flight = Flight.begin("pause", self._clock.now())
+        flight = Flight.begin("pause", self._clock.now(), cause=cause, recorded=adopt)
         gpu.pausing = flight
         gpu.node_ready = False
         flight.task = self._background.spawn(self._pause(gpu, flight, adopt))
@@ -321,6 +324,8 @@ class Waker:
             notify(callback, progress)
         for model in flight.models:
             for waiter in self._queue.waiters(model):
+                if waiter.wake_gpu is None:
+                    waiter.wake_gpu = gpu.id
                 if waiter.progress is not None:
                     notify(waiter.progress, progress)
 
@@ -389,7 +394,7 @@ class Waker:
                 f"{gpu.name} is pausing; resume it once it is paused",
                 hint="Try again in a minute, or check `gpuctl status`.",
             )
-        flight = self._start_wake(gpu, grace=True)
+        flight = self._start_wake(gpu, grace=True, cause="hand")
         if progress is not None:
             flight.listeners.append(progress)
         try:
@@ -421,7 +426,7 @@ class Waker:
                 hint="Try again in a minute, or check `gpuctl status`.",
             )
         busy = gpu.in_use
-        flight = self._start_pause(gpu)
+        flight = self._start_pause(gpu, cause="hand")
         if wait and flight.task is not None:
             await asyncio.shield(flight.task)
         else:

@@ -13,7 +13,15 @@ from typing import Any, Protocol
 import httpx
 
 from gpuctl.config import Config
-from gpuctl.engine.api import ActionResult, GpuView, ModelView, ProgressCallback, Ticket, Usage
+from gpuctl.engine.api import (
+    ActionResult,
+    GpuView,
+    ModelView,
+    ProgressCallback,
+    RequestRow,
+    Ticket,
+    Usage,
+)
 from gpuctl.errors import GpuctlError
 from gpuctl.gateway.auth import Authenticator
 from gpuctl.gateway.metrics import GatewayMetrics
@@ -33,7 +41,11 @@ class EngineFace(Protocol):
                    progress: ProgressCallback | None = None) -> ActionResult: ...
     async def pause(self, ref: str, *, wait: bool = False) -> ActionResult: ...
     async def acquire(self, model: str, user: str, *,
-                      progress: ProgressCallback | None = None) -> Ticket: ...
+                      progress: ProgressCallback | None = None,
+                      request: RequestRow | None = None) -> Ticket: ...
+    def begin_request(self, key_id: str, user: str, route: str,
+                      model: str = "") -> RequestRow: ...
+    def end_request(self, request: RequestRow, status: int) -> None: ...
     def release(self, ticket: Ticket, usage: Usage | None = None, *,
                 failed: str | None = None) -> None: ...
     def models(self) -> list[ModelView]: ...

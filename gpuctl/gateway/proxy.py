@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gpuctl.engine.api import Progress, Ticket, Usage
+from gpuctl.engine.api import Progress, RequestRow, Ticket, Usage
 from gpuctl.errors import GpuctlError, Unavailable
 from gpuctl.gateway.auth import AuthError
 from gpuctl.gateway.context import Gateway
@@ -109,30 +109,46 @@ async def _serve(gw: Gateway, route: Route, scope: Scope, receive: Receive, send
     except AuthError as exc:
         await reply_error(send, exc.http_status, exc.message, openai=openai)
         return exc.http_status
+    # The ledger's row: one per authenticated request, whatever its outcome.
+    request = gw.engine.begin_request(key.id, key.name, scope["path"])
+    status = 499
+    try:
+        status = await _serve_keyed(gw, route, scope, receive, send, request, time.perf_counter())
+    finally:
+        gw.engine.end_request(request, status)
+    return status
+
+
+async def _serve_keyed(gw: Gateway, route: Route, scope: Scope, receive: Receive, send: Send,
+                       request: RequestRow, started: float) -> int:
+    openai = route.openai
     body = await _read_body(gw, scope, receive)
     if body is None:
         await reply_error(send, 413, f"request body larger than {gw.config.server.max_body_mb:g}"
                           " MB (server.max_body_mb)", openai=openai)
         return 413
     try:
-        request = json.loads(body) if body else None
+        payload = json.loads(body) if body else None
     except ValueError:
-        request = None
+        payload = None
         problem = "invalid JSON in request body"
     else:
         problem = "missing request body" if not body else "request body must be a JSON object"
-    if not isinstance(request, dict):
+    if not isinstance(payload, dict):
         await reply_error(send, 400, problem, openai=openai)
         return 400
-    model = request.get("model")
+    model = payload.get("model")
     if not isinstance(model, str) or not model:
         await reply_error(send, 400, "model is required", openai=openai)
         return 400
-    stream_field = request.get("stream")
+    stream_field = payload.get("stream")
     stream = route.stream_default if stream_field is None else bool(stream_field)
-
-    call = _Call(gw, route, scope, receive, send, body, model, stream, key.name)
-    return await call.run()
+    request.model = model
+    call = _Call(gw, route, scope, receive, send, body, model, stream, request, started)
+    try:
+        return await call.run()
+    finally:
+        request.duration_s = time.perf_counter() - started
 
 
 async def _read_body(gw: Gateway, scope: Scope, receive: Receive) -> bytes | None:
@@ -164,7 +180,8 @@ class _Call:
     """One proxied request: acquire, relay, release, with the client watched throughout."""
 
     def __init__(self, gw: Gateway, route: Route, scope: Scope, receive: Receive, send: Send,
-                 body: bytes, model: str, stream: bool, user: str) -> None:
+                 body: bytes, model: str, stream: bool, request: RequestRow,
+                 started: float) -> None:
         self.gw = gw
         self.route = route
         self.scope = scope
@@ -173,7 +190,9 @@ class _Call:
         self.body = body
         self.model = model
         self.stream = stream
-        self.user = user
+        self.user = request.user
+        self.request = request
+        self.t0 = started
         self.sse_wait = route.openai and stream
         self.started = False  # response headers sent
         self.client_gone = False
@@ -231,7 +250,8 @@ class _Call:
         for attempt in range(1, _ATTEMPTS + 1):
             try:
                 ticket = await gw.engine.acquire(
-                    self.model, self.user, progress=self._progress if self.sse_wait else None)
+                    self.model, self.user, progress=self._progress if self.sse_wait else None,
+                    request=self.request)
             except GpuctlError as exc:
                 await self._stop_pump()
                 retry = exc.retry_after if isinstance(exc, Unavailable) else None
@@ -289,6 +309,7 @@ class _Call:
             headers = [*response.headers, *self._gpu_headers(ticket)]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             self.started = True
+        self.request.ttfb_s = time.perf_counter() - self.t0
         keep = not self.stream and (response.header(b"content-length") or b"0").isdigit() and \
             int(response.header(b"content-length") or b"0") <= _USAGE_BODY_LIMIT
         pieces: list[bytes] = []

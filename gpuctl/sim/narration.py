@@ -19,7 +19,7 @@ from gpuctl.config import Config
 from gpuctl.engine.api import GpuState, GpuView, ProgressCallback, Ticket
 from gpuctl.engine.clock import Clock
 from gpuctl.engine.engine import Engine, NodeFactory
-from gpuctl.store import Store
+from gpuctl.store import RequestRow, Store
 
 __all__ = ["LifecycleLog", "NarratedEngine", "Narrator"]
 
@@ -94,9 +94,10 @@ class NarratedEngine(Engine):
         self.narrator = narrator
 
     async def acquire(
-        self, model: str, user: str, *, progress: ProgressCallback | None = None
+        self, model: str, user: str, *, progress: ProgressCallback | None = None,
+        request: RequestRow | None = None,
     ) -> Ticket:
-        ticket = await super().acquire(model, user, progress=progress)
+        ticket = await super().acquire(model, user, progress=progress, request=request)
         if self.narrator is not None:
             self.narrator.catch_up(self.gpus())  # "ready" before "serving", not after
             self.narrator.tell(
