@@ -28,7 +28,9 @@ from gpuctl.errors import ConfigError
 __all__ = [
     "CloudApiConfig",
     "Config",
+    "CostConfig",
     "GpuConfig",
+    "LedgerConfig",
     "LoadedConfig",
     "PathsConfig",
     "ServerConfig",
@@ -82,12 +84,25 @@ class PathsConfig(_Section):
     api_keys_file: str = Field("", description="the old service's key file, for `keys import`")
 
 
+class LedgerConfig(_Section):
+    keep_days: float = Field(90, gt=0, description="days of request rows kept; roll-ups stay")
+
+
+class CostConfig(_Section):
+    credits_per_gpu_hour: float = Field(0, ge=0, description="0: credits are not shown")
+    flavours: dict[str, float] = Field(
+        default_factory=dict, description="flavour name -> credits per hour, as SURF prices it"
+    )
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     cloud_api: CloudApiConfig = Field(default_factory=CloudApiConfig)
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     timing: TimingConfig = Field(default_factory=TimingConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -23,6 +23,7 @@ from gpuctl.cli import auth, config_cmd, fleet, keys
 from gpuctl.cli.completion import COMPLETE_VAR, completion
 from gpuctl.cli.context import AppContext
 from gpuctl.cli.serve import serve
+from gpuctl.cli.usage import usage
 from gpuctl.errors import GpuctlError
 
 __all__ = ["app", "run"]
@@ -129,6 +130,7 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(keys.app, name="keys")
 app.command("completion")(completion)
 app.command("serve")(serve)
+app.command("usage")(usage)
 
 
 def run() -> None:

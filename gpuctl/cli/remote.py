@@ -22,10 +22,10 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from gpuctl.engine.api import GpuView
-from gpuctl.errors import GpuctlError, GpuNotFound, UsageError
+from gpuctl.errors import CredentialsError, GpuctlError, GpuNotFound, UsageError
 
 __all__ = ["DEMO_FILE", "DemoEndpoint", "NoDemoRunning", "demo_gpu", "demo_gpus",
-           "find_demo", "published_demo"]
+           "find_demo", "gateway_get", "published_demo"]
 
 DEMO_FILE = "demo.json"
 _TIMEOUT = httpx.Timeout(10.0, connect=3.0)
@@ -100,12 +100,39 @@ def _alive(pid: int) -> bool:
 
 
 def _get(endpoint: DemoEndpoint, path: str) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {endpoint.key}"}
     try:
-        response = httpx.get(f"{endpoint.url}{path}", headers=headers, timeout=_TIMEOUT)
-    except httpx.HTTPError as exc:
+        return gateway_get(endpoint.url, endpoint.key, path)
+    except _Unreachable as exc:
         raise NoDemoRunning(f"the demo at {endpoint.url} does not answer "
-                            f"({type(exc).__name__})") from None
+                            f"({exc.reason})") from None
+
+
+class _Unreachable(GpuctlError):
+    default_hint = "Check the URL (--url or GPUCTL_GATEWAY_URL) and that the gateway runs."
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"the gateway at {url} does not answer ({reason})")
+        self.reason = reason
+
+
+def gateway_get(url: str, key: str, path: str,
+                params: dict[str, str] | None = None) -> dict[str, Any]:
+    """GET ``path`` of a running gateway with ``key`` (in a header, never in the URL)."""
+    url = url.rstrip("/")
+    endpoint = DemoEndpoint(url=url, key=key, pid=0)
+    headers = {"Authorization": f"Bearer {key}"}
+    try:
+        response = httpx.get(f"{url}{path}", headers=headers, params=params, timeout=_TIMEOUT)
+    except httpx.HTTPError as exc:
+        raise _Unreachable(url, type(exc).__name__) from None
+    if response.status_code in (401, 403):
+        raise CredentialsError(f"the gateway at {url} refused the key "
+                               f"(HTTP {response.status_code})",
+                               hint="Pass a valid key with --key or GPUCTL_GATEWAY_KEY.")
+    return _body(endpoint, path, response)
+
+
+def _body(endpoint: DemoEndpoint, path: str, response: httpx.Response) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError:
@@ -116,7 +143,7 @@ def _get(endpoint: DemoEndpoint, path: str) -> dict[str, Any]:
     if response.status_code == 400 and error:
         raise UsageError(str(error))
     if response.status_code != 200 or not isinstance(body, dict):
-        raise GpuctlError(f"the demo at {endpoint.url} answered {path} with HTTP "
+        raise GpuctlError(f"the gateway at {endpoint.url} answered {path} with HTTP "
                           f"{response.status_code}" + (f": {error}" if error else ""))
     return body
 

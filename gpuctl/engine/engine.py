@@ -53,6 +53,7 @@ from gpuctl.engine.ledger import Ledger
 from gpuctl.engine.progress import Announcer
 from gpuctl.engine.roster import Roster
 from gpuctl.engine.router import Choice, RouteIndex
+from gpuctl.engine.usage import UsageReport, parse_when, usage_report
 from gpuctl.engine.views import find_gpu, gpu_metrics, gpu_view, ps_entries, union_models
 from gpuctl.engine.waking import Waker
 from gpuctl.errors import CloudError, GpuctlError, Unavailable
@@ -478,6 +479,17 @@ class Engine:
     def gpus_with_model(self, model: str) -> list[GpuView]:
         holders = self._catalog.holders(normalize_model(model))
         return [self._view(self._gpus[g]) for g in sorted(holders) if g in self._gpus]
+
+    def usage(self, *, since: str = "7d", until: str | None = None, by: str = "user",
+              user: str | None = None) -> UsageReport:
+        """The usage report of ``[since, until)`` (``gpuctl usage`` syntax); ``user`` limits
+        the rows to that user's (a user key), the fleet totals stay whole."""
+        now = self.clock.wall()
+        start = parse_when(since, now)
+        end = parse_when(until, now) if until else now
+        names = {g.id: g.name for g in self._gpus.values()}
+        return usage_report(self.store, since=start, until=end, by=by, cost=self.config.cost,
+                            user=user, names=names)
 
     def metrics(self) -> EngineMetrics:
         return EngineMetrics(

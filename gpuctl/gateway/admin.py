@@ -1,7 +1,8 @@
 """The admin API of the service gpuctl replaces, same shapes, plus ``/metrics``.
 
 ``/health`` needs no key; ``/gpu/discover`` and ``/gpu/{id}/status`` need any key;
-``/gpu/{id}/resume`` and ``/gpu/{id}/pause`` need an admin key (the app checks roles).
+``/gpu/{id}/resume`` and ``/gpu/{id}/pause`` need an admin key (the app checks roles);
+``/admin/usage`` needs any key and shows a user key only its own rows.
 Resume and pause are the very ``Engine.wake`` / ``Engine.pause`` calls of ``gpuctl resume``
 and ``gpuctl pause``; an action the state does not allow comes back as a 4xx with a reason.
 """
@@ -104,6 +105,19 @@ async def resume(ref: str) -> Response:
 async def pause(ref: str) -> Response:
     result = await gateway().engine.pause(ref, wait=_wait_flag())
     return _action(result)
+
+
+@blueprint.route("/admin/usage", methods=["GET"])
+async def usage() -> Response:
+    """The usage report (``gpuctl usage --url``): an admin key sees every user, a user key
+    their own rows and the fleet's totals."""
+    gw = gateway()
+    key = gw.auth.check(request.headers.get("Authorization"))
+    report = gw.engine.usage(
+        since=request.args.get("since") or "7d", until=request.args.get("until") or None,
+        by=request.args.get("by") or "user", user=None if key.is_admin else key.name,
+    )
+    return json_response(report.model_dump(mode="json"))
 
 
 @blueprint.route("/metrics", methods=["GET"])

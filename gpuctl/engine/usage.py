@@ -1,0 +1,249 @@
+"""``gpuctl usage`` and ``GET /admin/usage``: what the fleet billed, who used it, what it saved.
+
+One function, ``usage_report``, reads the ledger of a store and returns the report both
+faces print (the CLI on the local state dir, the gateway for ``--url``). Its JSON keys are a
+promise (``UsageReport``). The figures for a window:
+
+- ``billed_gpu_seconds``: the seconds GPUs were not paused (see ``attribution``);
+- ``always_on_gpu_seconds``: what the fleet would have billed never pausing: the GPUs known
+  to the ledger in the window × its length;
+- ``savings``: 1 − billed / always-on;
+- ``unattributed``: reason → seconds; ``rows``: GPU-seconds by kind, requests, tokens, waits
+  and credits per user, GPU, model, day or hour (UTC).
+
+A user (not an admin) gets their own rows and the fleet totals: the totals say what the
+group pays, the rows what each member caused, and only admins see the other members.
+Credits are GPU-hours × ``cost.flavours[flavour]`` (else ``cost.credits_per_gpu_hour``).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from gpuctl.config import CostConfig
+from gpuctl.engine.attribution import HOUR, Attribution, ShareKey, attribute
+from gpuctl.errors import UsageError
+from gpuctl.store import RequestRow, Store, TimelineEvent
+
+__all__ = ["BY", "GpuSeconds", "UsageReport", "UsageRow", "Waits", "parse_when",
+           "usage_report"]
+
+By = Literal["user", "gpu", "model", "day", "hour"]
+BY: tuple[By, ...] = ("user", "gpu", "model", "day", "hour")
+#: How long before a window a request may start and still wait, serve or hold a lease in it.
+HORIZON = 86_400.0
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+class GpuSeconds(BaseModel):
+    serving: float = 0.0
+    waking: float = 0.0
+    held: float = 0.0
+    total: float = 0.0
+
+
+class Waits(BaseModel):
+    median_s: float | None = Field(None, description="queue time of the median request")
+    p90_s: float | None = None
+    cold: int = Field(0, description="requests that waited for a GPU to wake")
+
+
+class UsageRow(BaseModel):
+    key: str
+    gpu_seconds: GpuSeconds = Field(default_factory=GpuSeconds)
+    requests: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    waits: Waits = Field(default_factory=Waits)
+    credits: float = 0.0
+
+
+class UsageReport(BaseModel):
+    """The report's JSON, keys fixed: ``gpuctl usage --json`` and ``GET /admin/usage``."""
+
+    since: str
+    until: str
+    by: By
+    billed_gpu_seconds: float
+    always_on_gpu_seconds: float
+    savings: float = Field(description="1 - billed / always-on, 0 when nothing was managed")
+    unattributed: dict[str, float]
+    rows: list[UsageRow]
+
+
+def parse_when(text: str, now: float) -> float:
+    """``7d``/``12h``/``30m`` before ``now``, a date (``2026-11-01``, UTC midnight) or an ISO
+    time; epoch seconds. A ``UsageError`` says what is accepted."""
+    match = _DURATION.match(text)
+    if match:
+        return now - float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"cannot read {text!r} as a time",
+            hint="Use a duration (7d, 12h, 30m), a date (2026-11-01) or an ISO time "
+                 "(2026-11-01T09:00Z).",
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _hour_key(epoch: float, by: By) -> str:
+    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%d") if by == "day" else moment.strftime("%Y-%m-%dT%H:00Z")
+
+
+def _share_key(key: ShareKey, by: By, names: Mapping[str, str]) -> str:
+    if by == "user":
+        return key.user
+    if by == "gpu":
+        return names.get(key.gpu_id, key.gpu_id)
+    if by == "model":
+        return key.model
+    return _hour_key(key.hour, by)
+
+
+def _row_key(row: RequestRow, by: By, names: Mapping[str, str]) -> str:
+    if by == "user":
+        return row.user
+    if by == "gpu":
+        return names.get(row.gpu_id, row.gpu_id) if row.gpu_id else "(no gpu)"
+    if by == "model":
+        return row.model or "(no model)"
+    return _hour_key(row.at - row.at % HOUR, by)
+
+
+def _managed(events: list[TimelineEvent], since: float) -> int:
+    """GPUs the ledger knew in the window: seen before its end and not gone before it."""
+    last: dict[str, TimelineEvent] = {}
+    seen_in: set[str] = set()
+    for e in events:
+        if e.at < since:
+            last[e.gpu_id] = e
+        else:
+            seen_in.add(e.gpu_id)
+    present = {g for g, e in last.items() if e.status != "gone"}
+    return len(present | seen_in)
+
+
+def _rate(cost: CostConfig, flavour: str) -> float:
+    return cost.flavours.get(flavour, cost.credits_per_gpu_hour)
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return round(values[0], 3)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1], 3)
+
+
+def build_report(
+    attribution: Attribution, requests: list[RequestRow], managed: int, *, by: By,
+    cost: CostConfig, user: str | None = None, names: Mapping[str, str] | None = None,
+) -> UsageReport:
+    """The report of an attribution; ``user`` limits the rows to one user's."""
+    names = names or {}
+    since, until = attribution.since, attribution.until
+    rows: dict[str, UsageRow] = defaultdict(lambda: UsageRow(key=""))
+    for key, seconds in attribution.shares.items():
+        if key.kind == "unattributed" or (user is not None and key.user != user):
+            continue
+        row = rows[_share_key(key, by, names)]
+        gs = row.gpu_seconds
+        setattr(gs, key.kind, getattr(gs, key.kind) + seconds)
+        gs.total += seconds
+        row.credits += seconds / 3600.0 * _rate(cost, key.flavour)
+    waits: dict[str, list[float]] = defaultdict(list)
+    for r in requests:
+        if not since <= r.at < until or (user is not None and r.user != user):
+            continue
+        name = _row_key(r, by, names)
+        row = rows[name]
+        row.requests += 1
+        row.tokens_in += r.tokens_in
+        row.tokens_out += r.tokens_out
+        row.waits.cold += int(r.cold)
+        waits[name].append(r.queued_s)
+    out: list[UsageRow] = []
+    for name, row in rows.items():
+        row.key = name
+        row.waits.median_s = _quantile(waits[name], 0.5)
+        row.waits.p90_s = _quantile(waits[name], 0.9)
+        gs = row.gpu_seconds
+        gs.serving, gs.waking, gs.held, gs.total = (
+            round(gs.serving, 3), round(gs.waking, 3), round(gs.held, 3), round(gs.total, 3))
+        row.credits = round(row.credits, 4)
+        out.append(row)
+    if by in ("day", "hour"):
+        out.sort(key=lambda r: r.key)
+    else:
+        out.sort(key=lambda r: (-r.gpu_seconds.total, r.key))
+    billed = sum(attribution.billed.values())
+    always_on = managed * (until - since)
+    return UsageReport(
+        since=_iso(since), until=_iso(until), by=by,
+        billed_gpu_seconds=round(billed, 3),
+        always_on_gpu_seconds=round(always_on, 3),
+        savings=round(1.0 - billed / always_on, 4) if always_on > 0 else 0.0,
+        unattributed={k: round(v, 3) for k, v in sorted(attribution.unattributed().items())},
+        rows=out,
+    )
+
+
+def window_attribution(store: Store, since: float, until: float
+                       ) -> tuple[Attribution, list[RequestRow], int]:
+    """Attribute ``[since, until)`` from ``store``'s ledger (rows not yet flushed included)."""
+    events = store.ledger.timeline(until)
+    requests = store.requests(since - HORIZON, until)
+    return attribute(events, requests, since, until), requests, _managed(events, since)
+
+
+def usage_report(
+    store: Store, *, since: float, until: float, by: str = "user", cost: CostConfig,
+    user: str | None = None, names: Mapping[str, str] | None = None,
+) -> UsageReport:
+    """The usage report of ``store`` for ``[since, until)`` grouped ``by``."""
+    if by not in BY:
+        raise UsageError(f"cannot group by {by!r}", hint=f"Use one of: {', '.join(BY)}.")
+    if until <= since:
+        raise UsageError("--until must be later than --since")
+    attribution, requests, managed = window_attribution(store, since, until)
+    return build_report(attribution, requests, managed, by=by, cost=cost,
+                        user=user, names=names)
+
+
+def period_start(per: str, now: float) -> float:
+    """The start (UTC) of the budget period holding ``now``: day, ISO week or month."""
+    moment = datetime.fromtimestamp(now, tz=timezone.utc)
+    day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if per == "week":
+        day -= timedelta(days=day.weekday())
+    elif per == "month":
+        day = day.replace(day=1)
+    return day.timestamp()
+
+
+def period_end(per: str, now: float) -> float:
+    """When the budget period holding ``now`` ends (its reset time)."""
+    start = datetime.fromtimestamp(period_start(per, now), tz=timezone.utc)
+    if per == "day":
+        return (start + timedelta(days=1)).timestamp()
+    if per == "week":
+        return (start + timedelta(days=7)).timestamp()
+    year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+    return start.replace(year=year, month=month).timestamp()
