@@ -1,9 +1,11 @@
-"""``gpuctl keys create | list | revoke | import``: the gateway's API keys.
+"""``gpuctl keys create | list | revoke | import | budget``: the gateway's API keys.
 
 Keys live, hashed, in the same SQLite file ``gpuctl serve`` reads, so a key created or revoked
 here takes effect on the gateway's next request, with no restart. ``create`` prints the
 secret once (on stdout, so it can be piped); nothing else ever shows it. ``list`` joins each
-key with the usage the engine recorded for its user (the key's name).
+key with the usage the engine recorded for its user (the key's name) and, for a key with a
+budget, the GPU-hours it used of it this period. ``budget`` sets or removes that budget; the
+gateway reads it within ``engine.budgets.REFRESH_SECONDS``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from gpuctl.cli.context import AppContext
+    from gpuctl.engine.budgets import BudgetStatus
     from gpuctl.store.keys import ApiKey, KeyStore
     from gpuctl.store.store import UsageTotals
 
-__all__ = ["app", "create", "import_keys", "list_keys", "revoke"]
+__all__ = ["app", "budget", "create", "import_keys", "list_keys", "revoke"]
 
 app = typer.Typer(name="keys", help="Manage the gateway's API keys.", no_args_is_help=True)
 
@@ -61,6 +64,19 @@ def _iso(epoch: float | None) -> str | None:
     if epoch is None:
         return None
     return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _budget_json(status: BudgetStatus | None) -> dict[str, Any] | None:
+    if status is None:
+        return None
+    return {"gpu_hours": round(status.gpu_seconds / 3600, 4), "per": status.per,
+            "used_gpu_hours": round(status.used / 3600, 4), "resets_at": _iso(status.resets_at)}
+
+
+def _budget_text(status: BudgetStatus | None) -> str:
+    if status is None:
+        return "-"
+    return f"{status.used / 3600:.2f}/{status.gpu_seconds / 3600:g} h per {status.per}"
 
 
 def _key_json(key: ApiKey, usage: UsageTotals | None = None) -> dict[str, Any]:
@@ -100,6 +116,9 @@ def create(
 @app.command("list")
 def list_keys(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List keys with their use: requests, tokens, GPU-seconds (never the keys)."""
+    import time
+
+    from gpuctl.engine.budgets import budget_status
     from gpuctl.store import UsageTotals
 
     app_ctx = _app(ctx)
@@ -108,28 +127,30 @@ def list_keys(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     store = app_ctx.open_store()
     try:
         usage = store.usage()
+        budgets = budget_status(store, time.time())
     finally:
         store.close()
-    rows = [(k, usage.get(k.name, UsageTotals())) for k in records]
-    render(app_ctx, [_key_json(k, u) for k, u in rows], as_json=as_json,
-           table=_table(rows) if not as_json else None)
+    rows = [(k, usage.get(k.name, UsageTotals()), budgets.get(k.id)) for k in records]
+    render(app_ctx, [{**_key_json(k, u), "budget": _budget_json(b)} for k, u, b in rows],
+           as_json=as_json, table=_table(rows) if not as_json else None)
     if not rows and not as_json:
         message(app_ctx, "No keys yet. Create one with `gpuctl keys create --name NAME`.")
 
 
-def _table(rows: list[tuple[ApiKey, UsageTotals]]) -> Table:
+def _table(rows: list[tuple[ApiKey, UsageTotals, BudgetStatus | None]]) -> Table:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
     for column in ("ID", "NAME", "EMAIL", "ROLE", "CREATED", "LAST USED", "REQUESTS",
-                   "TOKENS", "GPU-SECONDS"):
+                   "TOKENS", "GPU-SECONDS", "BUDGET (USED/BUDGET)"):
         justify = "right" if column in ("REQUESTS", "TOKENS", "GPU-SECONDS") else "left"
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for key, use in rows:
+    for key, use, status in rows:
         role = key.role if key.active else f"{key.role} (revoked)"
         table.add_row(key.id, key.name, key.email or "-", role, _when(key.created),
                       _when(key.last_used), str(use.requests),
-                      str(use.tokens_in + use.tokens_out), f"{use.gpu_seconds:.0f}")
+                      str(use.tokens_in + use.tokens_out), f"{use.gpu_seconds:.0f}",
+                      _budget_text(status))
     return table
 
 
@@ -148,6 +169,51 @@ def revoke(
         emit_json(_key_json(key))
     else:
         message(app_ctx, f"Revoked {key.id} ({key.name}).")
+
+
+@app.command("budget")
+def budget(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="The id `keys list` shows.",
+                                          show_default=False)],
+    gpu_hours: Annotated[float | None, typer.Option(
+        "--gpu-hours", metavar="N", min=0.0, help="GPU-hours the key may cause per period.",
+        show_default=False)] = None,
+    per: Annotated[str, typer.Option(
+        "--per", metavar="day|week|month", help="The period (UTC; weeks start on Monday).")
+    ] = "day",
+    none: Annotated[bool, typer.Option("--none", help="Remove the key's budget.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Limit the GPU-hours a key may cause; past it, warm GPUs serve it but none wakes."""
+    from gpuctl.engine.budgets import PERIODS
+    from gpuctl.errors import UsageError
+
+    if (gpu_hours is None) == (not none):
+        raise UsageError("give either --gpu-hours N or --none",
+                         hint="e.g. `gpuctl keys budget KEY_ID --gpu-hours 2 --per day`.")
+    if per not in PERIODS:
+        raise UsageError(f"--per must be one of {', '.join(PERIODS)}, not {per!r}")
+    app_ctx = _app(ctx)
+    with _key_store(app_ctx) as keys:
+        key = keys.get(key_id)
+    if key.is_admin and not none:
+        raise UsageError(f"{key.id} is an admin key; admin keys have no budget",
+                         hint="Give the person a user key for their own work.")
+    store = app_ctx.open_store()
+    try:
+        seconds = None if none else float(gpu_hours or 0.0) * 3600.0
+        store.ledger.set_budget(key.id, seconds, per)
+    finally:
+        store.close()
+    if as_json:
+        emit_json({"id": key.id, "name": key.name, "budget": None if none else
+                   {"gpu_hours": gpu_hours, "per": per}})
+    elif none:
+        message(app_ctx, f"Removed the budget of {key.id} ({key.name}).")
+    else:
+        message(app_ctx, f"{key.id} ({key.name}) may cause {gpu_hours:g} GPU-hours per {per}; "
+                         "past that, GPUs that are awake still serve it, but none wakes for it.")
 
 
 @app.command("import")

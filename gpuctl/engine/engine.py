@@ -42,6 +42,7 @@ from gpuctl.engine.api import (
     Usage,
 )
 from gpuctl.engine.background import Background
+from gpuctl.engine.budgets import Budgets
 from gpuctl.engine.catalog import ModelCatalog, not_found
 from gpuctl.engine.clock import Clock, SystemClock
 from gpuctl.engine.discovery import Discovery, NodeFactory, default_nodes
@@ -103,6 +104,7 @@ class Engine:
         self._estimator = Estimator(store.resume_history(), store.load_history())
         self._catalog = ModelCatalog(config.gpu.slots)
         self.ledger = Ledger(store, self.clock, observe_fleet=observe_fleet)
+        self._budgets = Budgets(store, self.clock)
         self._roster = Roster(config, self.clock, index=self._index, catalog=self._catalog,
                               leases=self._leases, ledger=self.ledger)
         #: The roster's GPUs by workspace id: read here, added and dropped by discovery.
@@ -140,6 +142,7 @@ class Engine:
             seconds = record.seconds or reservation_seconds(self.config)
             self._leases.hold(record.gpu_id, record.user, now + record.expires_at - wall, seconds)
         self._saved_leases = self._leases.version
+        self._budgets.refresh(force=True)
         try:
             await self.refresh()
         except CloudError as exc:
@@ -192,6 +195,7 @@ class Engine:
             self._announcer.tell_positions(model)
             self._waker.ensure_supply(model)
         self._persist()
+        self._budgets.refresh()
 
     def _persist(self) -> None:
         if self._leases.version != self._saved_leases:
@@ -273,6 +277,8 @@ class Engine:
                 return self._grant(choice, name, user, model, 0.0, request)
         if not self._catalog.known(name) and not self._waker.unknown_candidates():
             raise not_found(model)
+        if request is not None and self._needs_wake(name):
+            self._budgets.check_wake(request.key_id)  # a budget stops wakes, not warm GPUs
         if self._queue.full:
             self._counters["rejected"] += 1
             raise Unavailable(
@@ -312,6 +318,20 @@ class Engine:
             if request is not None:
                 request.queued_s = self.clock.now() - waiter.enqueued_at
                 request.wake_gpu = waiter.wake_gpu
+
+    def _needs_wake(self, model: str) -> bool:
+        """No GPU with ``model`` is ready or already waking: serving it means a wake."""
+        if self._catalog.ready_gpus(model):
+            return False
+        for gpu_id in self._catalog.holders(model):
+            gpu = self._gpus.get(gpu_id)
+            if gpu is not None and gpu.waking is not None:
+                return False
+        return True
+
+    def budget_remaining(self, key_id: str) -> float | None:
+        """GPU-seconds left in ``key_id``'s budget this period; None without a budget. O(1)."""
+        return self._budgets.remaining(key_id)
 
     async def _await(self, future: asyncio.Future[Ticket], limit: float) -> Ticket:
         timer: asyncio.Future[Any] = asyncio.ensure_future(self.clock.sleep(limit))

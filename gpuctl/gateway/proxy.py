@@ -111,6 +111,9 @@ async def _serve(gw: Gateway, route: Route, scope: Scope, receive: Receive, send
         return exc.http_status
     # The ledger's row: one per authenticated request, whatever its outcome.
     request = gw.engine.begin_request(key.id, key.name, scope["path"])
+    remaining = gw.engine.budget_remaining(key.id)
+    if remaining is not None:
+        send = _with_budget(send, remaining)
     status = 499
     try:
         status = await _serve_keyed(gw, route, scope, receive, send, request, time.perf_counter())
@@ -149,6 +152,19 @@ async def _serve_keyed(gw: Gateway, route: Route, scope: Scope, receive: Receive
         return await call.run()
     finally:
         request.duration_s = time.perf_counter() - started
+
+
+def _with_budget(send: Send, remaining: float) -> Send:
+    """``send`` that adds ``X-Gpuctl-Budget-Remaining`` to the response's headers (budgeted
+    keys only, so other requests pay nothing for it)."""
+    header = (b"x-gpuctl-budget-remaining", f"{remaining:.0f}".encode())
+
+    async def send_with_budget(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return send_with_budget
 
 
 async def _read_body(gw: Gateway, scope: Scope, receive: Receive) -> bytes | None:
