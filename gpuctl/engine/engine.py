@@ -51,6 +51,7 @@ from gpuctl.engine.fairqueue import FairQueue
 from gpuctl.engine.fleet import Flight, Gpu, WakeStage, normalize_model
 from gpuctl.engine.leases import LeaseBook, reservation_seconds
 from gpuctl.engine.ledger import Ledger
+from gpuctl.engine.meter import CostMeter, CostTotals
 from gpuctl.engine.progress import Announcer
 from gpuctl.engine.roster import Roster
 from gpuctl.engine.router import Choice, RouteIndex
@@ -105,6 +106,10 @@ class Engine:
         self._catalog = ModelCatalog(config.gpu.slots)
         self.ledger = Ledger(store, self.clock, observe_fleet=observe_fleet)
         self._budgets = Budgets(store, self.clock)
+        timing = config.timing
+        self._meter = CostMeter(store, self.clock, horizon=(
+            config.server.queue_timeout_seconds + timing.startup_timeout_seconds
+            + timing.ollama_readiness_wait_seconds + reservation_seconds(config) + 3600.0))
         self._roster = Roster(config, self.clock, index=self._index, catalog=self._catalog,
                               leases=self._leases, ledger=self.ledger)
         #: The roster's GPUs by workspace id: read here, added and dropped by discovery.
@@ -143,6 +148,7 @@ class Engine:
             self._leases.hold(record.gpu_id, record.user, now + record.expires_at - wall, seconds)
         self._saved_leases = self._leases.version
         self._budgets.refresh(force=True)
+        self._meter.start()
         try:
             await self.refresh()
         except CloudError as exc:
@@ -196,6 +202,7 @@ class Engine:
             self._waker.ensure_supply(model)
         self._persist()
         self._budgets.refresh()
+        self._meter.advance(self._oldest_open())
 
     def _persist(self) -> None:
         if self._leases.version != self._saved_leases:
@@ -328,6 +335,30 @@ class Engine:
             if gpu is not None and gpu.waking is not None:
                 return False
         return True
+
+    def _oldest_open(self) -> float | None:
+        """Wall time of the oldest request still in a slot or in the queue (for the meter)."""
+        now, wall = self.clock.now(), self.clock.wall()
+        oldest: float | None = None
+        for grant in self._grants.values():
+            at = grant.request.at if grant.request is not None else wall - (now - grant.at)
+            oldest = at if oldest is None else min(oldest, at)
+        for model in self._queue.models():
+            for waiter in self._queue.waiters(model):
+                at = wall - (now - waiter.enqueued_at)
+                oldest = at if oldest is None else min(oldest, at)
+        return oldest
+
+    def cost_metrics(self) -> CostTotals:
+        """Billed, attributed and unattributed seconds since start, closed pieces only."""
+        totals = self._meter.totals
+        named = CostTotals()
+        for gpu_id, seconds in totals.billed.items():
+            gpu = self._gpus.get(gpu_id)
+            named.billed[gpu.name if gpu is not None else gpu_id] += seconds
+        named.users.update(totals.users)
+        named.unattributed.update(totals.unattributed)
+        return named
 
     def budget_remaining(self, key_id: str) -> float | None:
         """GPU-seconds left in ``key_id``'s budget this period; None without a budget. O(1)."""

@@ -39,6 +39,9 @@ By = Literal["user", "gpu", "model", "day", "hour"]
 BY: tuple[By, ...] = ("user", "gpu", "model", "day", "hour")
 #: How long before a window a request may start and still wait, serve or hold a lease in it.
 HORIZON = 86_400.0
+#: How far before a window the timeline is read, to know the phase the window begins in (a
+#: GPU up for longer is read from its last change before that: its cause may be lost).
+LOOKBACK = 7 * 86_400.0
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
@@ -205,11 +208,12 @@ def build_report(
     )
 
 
-def window_attribution(store: Store, since: float, until: float
+def window_attribution(store: Store, since: float, until: float, *,
+                       horizon: float = HORIZON,
                        ) -> tuple[Attribution, list[RequestRow], int]:
     """Attribute ``[since, until)`` from ``store``'s ledger (rows not yet flushed included)."""
-    events = store.ledger.timeline(until)
-    requests = store.requests(since - HORIZON, until)
+    events = store.ledger.timeline(until, since - LOOKBACK)
+    requests = store.requests(since - horizon, until)
     return attribute(events, requests, since, until), requests, _managed(events, since)
 
 

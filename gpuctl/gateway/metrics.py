@@ -83,6 +83,35 @@ class _EngineCollector(Collector):
         yield resume
 
 
+class _CostCollector(Collector):
+    """The ledger's counters (``Engine.cost_metrics``), read when Prometheus scrapes."""
+
+    def __init__(self, engine: Callable[[], Any]) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine()
+        cost = getattr(engine, "cost_metrics", None)
+        if cost is None:
+            return
+        totals = cost()
+        billed = CounterMetricFamily("gpuctl_gpu_billed_seconds",
+                                     "Seconds each GPU was not paused", labels=["gpu"])
+        for gpu, seconds in sorted(totals.billed.items()):
+            billed.add_metric([gpu], seconds)
+        users = CounterMetricFamily("gpuctl_user_gpu_seconds",
+                                    "GPU-seconds attributed to each user, by kind "
+                                    "(serving, waking, held)", labels=["user", "kind"])
+        for (user, kind), seconds in sorted(totals.users.items()):
+            users.add_metric([user, kind], seconds)
+        lost = CounterMetricFamily("gpuctl_unattributed_seconds",
+                                   "Billed GPU-seconds no user caused, by reason",
+                                   labels=["reason"])
+        for reason, seconds in sorted(totals.unattributed.items()):
+            lost.add_metric([reason], seconds)
+        yield from (billed, users, lost)
+
+
 class _RequestCollector(Collector):
     def __init__(self, metrics: GatewayMetrics) -> None:
         self._metrics = metrics
@@ -123,6 +152,7 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_RequestCollector(self))
         self.registry.register(_EngineCollector(engine))
+        self.registry.register(_CostCollector(engine))
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)

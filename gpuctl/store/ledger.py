@@ -192,13 +192,15 @@ class LedgerStore:
             return None
         return TimelineEvent(r["gpu_id"], r["at"], r["status"], r["cause"], r["flavour"])
 
-    def timeline(self, until: float) -> list[TimelineEvent]:
-        """Every event before ``until``, in order (the state at any instant needs the past)."""
+    def timeline(self, until: float, since: float | None = None) -> list[TimelineEvent]:
+        """The events before ``until`` in order; with ``since``, only those from ``since``
+        on (callers look back far enough to see the phase a window begins in)."""
+        start = float("-inf") if since is None else since
         return [
             TimelineEvent(r["gpu_id"], r["at"], r["status"], r["cause"], r["flavour"])
             for r in self.conn.execute(
-                "SELECT gpu_id, at, status, cause, flavour FROM gpu_timeline WHERE at < ? "
-                "ORDER BY at, rowid", (until,),
+                "SELECT gpu_id, at, status, cause, flavour FROM gpu_timeline "
+                "WHERE at < ? AND at >= ? ORDER BY at, rowid", (until, start),
             )
         ]
 
