@@ -127,15 +127,16 @@ class AppContext:
 
         return Store.open(state_dir(self.config, self.env))
 
-    def make_engine(self, cloud: CloudProvider, store: Store) -> Engine:
+    def make_engine(self, cloud: CloudProvider, store: Store, *,
+                    observe_fleet: bool = True) -> Engine:
+        """``observe_fleet=False`` for one command: it records its own actions on the
+        ledger, not the fleet it happens to see (the gateway is that record's one writer)."""
         if self.engine_factory is not None:
             return self.engine_factory(self.config, cloud, store)
         from gpuctl.engine.engine import Engine
 
         node_token = self.credentials().find("node_token")
-        # observe_fleet=False: a command records its own actions on the ledger, not the
-        # fleet it happens to see (the gateway is the one writer of what it observes).
-        return Engine(self.config, cloud, store, clock=self.clock, observe_fleet=False,
+        return Engine(self.config, cloud, store, clock=self.clock, observe_fleet=observe_fleet,
                       nodes=_node_factory(self.config, node_token.value if node_token else None))
 
     @contextlib.asynccontextmanager
@@ -145,7 +146,7 @@ class AppContext:
         try:
             store = self.open_store()
             try:
-                engine = self.make_engine(cloud, store)
+                engine = self.make_engine(cloud, store, observe_fleet=False)
                 try:
                     yield engine
                 finally:
