@@ -7,11 +7,11 @@ The wake is the expensive part (minutes of billing before the first token, then 
 so it is the part a budget stops.
 
 What a key has used is its attributed GPU-seconds (serving, waking, held; ``attribution``) in
-the current period (UTC day, ISO week, calendar month). That takes an attribution over the
-period, so it is computed in the background loop every ``REFRESH_SECONDS`` and on the rare
-path where a budgeted key would wake a GPU, never per request; ``remaining`` (for the
-``X-Gpuctl-Budget-Remaining`` header) is a dict lookup. Budgets are set by ``gpuctl keys
-budget`` in the shared store and re-read at each refresh; admin keys have none.
+the current period (UTC day, ISO week, calendar month): counted from the store once, then
+kept current from the cost meter (``meter``) in the background loop, never per request;
+``remaining`` (for the ``X-Gpuctl-Budget-Remaining`` header) is a dict lookup. Budgets are
+set by ``gpuctl keys budget`` in the shared store and re-read every ``REFRESH_SECONDS``;
+admin keys have none.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from gpuctl.engine.clock import Clock
+from gpuctl.engine.meter import CostMeter
 from gpuctl.engine.usage import period_end, period_start, window_attribution
 from gpuctl.errors import Unavailable
 from gpuctl.store import Store
@@ -52,12 +53,18 @@ class BudgetStatus:
         return max(0.0, self.gpu_seconds - self.used)
 
 
-def budget_status(store: Store, now: float) -> dict[str, BudgetStatus]:
-    """Every budgeted key's budget and use in its current period, at wall time ``now``."""
+def budget_status(store: Store, now: float, until: float | None = None
+                  ) -> dict[str, BudgetStatus]:
+    """Every budgeted key's budget and use in the period holding wall time ``now``, counted
+    from the period's start to ``until`` (default ``now``)."""
+    end = now if until is None else until
     limits = store.ledger.budgets()
     used: dict[str, float] = defaultdict(float)
     for per in {p for _, p in limits.values()}:
-        attribution, _, _ = window_attribution(store, period_start(per, now), now)
+        start = period_start(per, now)
+        if end <= start:
+            continue
+        attribution, _, _ = window_attribution(store, start, end)
         for share, seconds in attribution.shares.items():
             if share.kind != "unattributed" and limits.get(share.key_id, (0, ""))[1] == per:
                 used[share.key_id] += seconds
@@ -68,22 +75,46 @@ def budget_status(store: Store, now: float) -> dict[str, BudgetStatus]:
 
 
 class Budgets:
-    """The engine's cached view of the budgets, and the check before a wake."""
+    """The engine's view of the budgets, kept current from the cost meter, and the check.
 
-    def __init__(self, store: Store, clock: Clock) -> None:
+    What a key used is counted once from the store (from its period's start up to the
+    meter's mark) when the budgets or a period change, then kept up to date from the meter's
+    running per-key totals, so a refresh costs a small query, not an attribution.
+    """
+
+    def __init__(self, store: Store, clock: Clock, meter: CostMeter) -> None:
         self._store = store
         self._clock = clock
+        self._meter = meter
+        self._limits: dict[str, tuple[float, str]] = {}
+        self._periods: dict[str, float] = {}
+        self._base: dict[str, BudgetStatus] = {}
+        self._snapshot: dict[str, float] = {}
         self._status: dict[str, BudgetStatus] = {}
         self._checked = float("-inf")
 
     def refresh(self, *, force: bool = False) -> None:
-        """Re-read the budgets and recompute what each key used (at most every
-        ``REFRESH_SECONDS`` unless ``force``)."""
+        """Re-read the budgets (at most every ``REFRESH_SECONDS`` unless ``force``) and bring
+        what each key used up to the meter."""
         now = self._clock.now()
-        if not force and now - self._checked < REFRESH_SECONDS:
-            return
-        self._checked = now
-        self._status = budget_status(self._store, self._clock.wall())
+        if force or now - self._checked >= REFRESH_SECONDS:
+            self._checked = now
+            wall = self._clock.wall()
+            limits = self._store.ledger.budgets()
+            periods = {per: period_start(per, wall) for per in PERIODS}
+            if force or limits != self._limits or periods != self._periods:
+                mark = self._meter.mark
+                self._base = budget_status(self._store, wall, mark if mark is not None else wall)
+                self._snapshot = dict(self._meter.totals.keys)
+                self._limits, self._periods = limits, periods
+        keys = self._meter.totals.keys
+        self._status = {
+            key_id: BudgetStatus(
+                key_id, base.gpu_seconds, base.per,
+                base.used + keys.get(key_id, 0.0) - self._snapshot.get(key_id, 0.0),
+                base.resets_at)
+            for key_id, base in self._base.items()
+        }
 
     def remaining(self, key_id: str) -> float | None:
         """GPU-seconds left in the key's budget (None: the key has no budget). O(1)."""
@@ -91,10 +122,11 @@ class Budgets:
         return None if status is None else status.remaining
 
     def check_wake(self, key_id: str) -> None:
-        """Raise ``BudgetExceeded`` if ``key_id`` may not cause a wake now."""
+        """Raise ``BudgetExceeded`` if ``key_id`` may not cause a wake now (call after the
+        meter has advanced)."""
         if key_id not in self._status:
             return  # no budget (as of the last refresh, at most REFRESH_SECONDS ago)
-        self.refresh(force=True)  # a decision that costs money: on fresh figures
+        self.refresh()
         status = self._status.get(key_id)
         if status is None or status.remaining > 0:
             return

@@ -53,6 +53,7 @@ from gpuctl.engine.leases import LeaseBook, reservation_seconds
 from gpuctl.engine.ledger import Ledger
 from gpuctl.engine.meter import CostMeter, CostTotals
 from gpuctl.engine.progress import Announcer
+from gpuctl.engine.retention import retire_old_rows
 from gpuctl.engine.roster import Roster
 from gpuctl.engine.router import Choice, RouteIndex
 from gpuctl.engine.usage import UsageReport, parse_when, usage_report
@@ -65,6 +66,8 @@ __all__ = ["Engine", "NodeFactory"]
 
 log = logging.getLogger(__name__)
 
+#: How often the background loop rolls up request rows past ``ledger.keep_days``.
+RETENTION_EVERY_SECONDS = 3600.0
 #: A load shorter than this was a warm hit, not a load worth learning from.
 LOAD_SECONDS = 0.5
 
@@ -105,11 +108,12 @@ class Engine:
         self._estimator = Estimator(store.resume_history(), store.load_history())
         self._catalog = ModelCatalog(config.gpu.slots)
         self.ledger = Ledger(store, self.clock, observe_fleet=observe_fleet)
-        self._budgets = Budgets(store, self.clock)
+        self._observe_fleet = observe_fleet
+        self._retired_at = float("-inf")
         timing = config.timing
-        self._meter = CostMeter(store, self.clock, horizon=(
-            config.server.queue_timeout_seconds + timing.startup_timeout_seconds
-            + timing.ollama_readiness_wait_seconds + reservation_seconds(config) + 3600.0))
+        self._meter = CostMeter(store, self.clock, wake_seconds=(
+            timing.startup_timeout_seconds + timing.ollama_readiness_wait_seconds))
+        self._budgets = Budgets(store, self.clock, self._meter)
         self._roster = Roster(config, self.clock, index=self._index, catalog=self._catalog,
                               leases=self._leases, ledger=self.ledger)
         #: The roster's GPUs by workspace id: read here, added and dropped by discovery.
@@ -147,8 +151,8 @@ class Engine:
             seconds = record.seconds or reservation_seconds(self.config)
             self._leases.hold(record.gpu_id, record.user, now + record.expires_at - wall, seconds)
         self._saved_leases = self._leases.version
-        self._budgets.refresh(force=True)
         self._meter.start()
+        self._budgets.refresh(force=True)
         try:
             await self.refresh()
         except CloudError as exc:
@@ -201,8 +205,12 @@ class Engine:
             self._announcer.tell_positions(model)
             self._waker.ensure_supply(model)
         self._persist()
-        self._budgets.refresh()
         self._meter.advance(self._oldest_open())
+        self._budgets.refresh()
+        if self._observe_fleet and now - self._retired_at >= RETENTION_EVERY_SECONDS:
+            self._retired_at = now
+            retire_old_rows(self.store, keep_days=self.config.ledger.keep_days,
+                            cost=self.config.cost, now=self.clock.wall())
 
     def _persist(self) -> None:
         if self._leases.version != self._saved_leases:
@@ -284,8 +292,11 @@ class Engine:
                 return self._grant(choice, name, user, model, 0.0, request)
         if not self._catalog.known(name) and not self._waker.unknown_candidates():
             raise not_found(model)
-        if request is not None and self._needs_wake(name):
-            self._budgets.check_wake(request.key_id)  # a budget stops wakes, not warm GPUs
+        if request is not None and self._needs_wake(name) and self._budgets.remaining(
+                request.key_id) is not None:
+            # A budget stops wakes, not warm GPUs: decide on figures brought up to now.
+            self._meter.advance(self._oldest_open())
+            self._budgets.check_wake(request.key_id)
         if self._queue.full:
             self._counters["rejected"] += 1
             raise Unavailable(
@@ -476,6 +487,7 @@ class Engine:
         elif status >= 400:
             request.outcome = "error"
         self.ledger.request(request)
+        self._meter.add(request)
 
     # -- admin actions -----------------------------------------------------------------------
 

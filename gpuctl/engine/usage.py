@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
@@ -31,6 +31,7 @@ from gpuctl.config import CostConfig
 from gpuctl.engine.attribution import HOUR, Attribution, ShareKey, attribute
 from gpuctl.errors import UsageError
 from gpuctl.store import RequestRow, Store, TimelineEvent
+from gpuctl.store.ledger import DailyRollup
 
 __all__ = ["BY", "GpuSeconds", "UsageReport", "UsageRow", "Waits", "parse_when",
            "usage_report"]
@@ -39,6 +40,7 @@ By = Literal["user", "gpu", "model", "day", "hour"]
 BY: tuple[By, ...] = ("user", "gpu", "model", "day", "hour")
 #: How long before a window a request may start and still wait, serve or hold a lease in it.
 HORIZON = 86_400.0
+DAY = 86_400.0
 #: How far before a window the timeline is read, to know the phase the window begins in (a
 #: GPU up for longer is read from its last change before that: its cause may be lost).
 LOOKBACK = 7 * 86_400.0
@@ -101,6 +103,11 @@ def parse_when(text: str, now: float) -> float:
     return parsed.timestamp()
 
 
+def day_name(epoch: float) -> str:
+    """The UTC day of ``epoch``, ``YYYY-MM-DD``."""
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds")
 
@@ -158,11 +165,20 @@ def _quantile(values: list[float], q: float) -> float | None:
 def build_report(
     attribution: Attribution, requests: list[RequestRow], managed: int, *, by: By,
     cost: CostConfig, user: str | None = None, names: Mapping[str, str] | None = None,
+    rollups: Sequence[DailyRollup] = (), since: float | None = None,
 ) -> UsageReport:
-    """The report of an attribution; ``user`` limits the rows to one user's."""
+    """The report of an attribution; ``user`` limits the rows to one user's.
+
+    ``rollups``: the days before the attribution's window whose rows were retired (see
+    ``retention``); they add to the rows and totals, and ``since`` is then the report's start.
+    """
     names = names or {}
-    since, until = attribution.since, attribution.until
+    until = attribution.until
+    since = attribution.since if since is None else since
     rows: dict[str, UsageRow] = defaultdict(lambda: UsageRow(key=""))
+    billed = sum(attribution.billed.values())
+    lost: dict[str, float] = defaultdict(float, attribution.unattributed())
+    billed += _add_rollups(rows, lost, rollups, by, user)
     for key, seconds in attribution.shares.items():
         if key.kind == "unattributed" or (user is not None and key.user != user):
             continue
@@ -196,16 +212,43 @@ def build_report(
         out.sort(key=lambda r: r.key)
     else:
         out.sort(key=lambda r: (-r.gpu_seconds.total, r.key))
-    billed = sum(attribution.billed.values())
     always_on = managed * (until - since)
     return UsageReport(
         since=_iso(since), until=_iso(until), by=by,
         billed_gpu_seconds=round(billed, 3),
         always_on_gpu_seconds=round(always_on, 3),
         savings=round(1.0 - billed / always_on, 4) if always_on > 0 else 0.0,
-        unattributed={k: round(v, 3) for k, v in sorted(attribution.unattributed().items())},
+        unattributed={k: round(v, 3) for k, v in sorted(lost.items())},
         rows=out,
     )
+
+
+def _add_rollups(rows: dict[str, UsageRow], lost: dict[str, float],
+                 rollups: Sequence[DailyRollup], by: By, user: str | None) -> float:
+    """Add retired days to ``rows`` and ``lost``; returns the seconds they billed."""
+    source = "user" if by in ("user", "day", "hour") else by
+    billed = 0.0
+    for r in rollups:
+        if r.by == "reason":
+            lost[r.key] += r.unattributed
+            billed += r.unattributed
+            continue
+        if r.by == "user":
+            billed += r.serving + r.waking + r.held
+        if r.by != source or (user is not None and (r.by != "user" or r.key != user)):
+            continue
+        row = rows[r.day if by in ("day", "hour") else r.key]
+        gs = row.gpu_seconds
+        gs.serving += r.serving
+        gs.waking += r.waking
+        gs.held += r.held
+        gs.total += r.serving + r.waking + r.held
+        row.requests += r.requests
+        row.tokens_in += r.tokens_in
+        row.tokens_out += r.tokens_out
+        row.waits.cold += r.cold
+        row.credits += r.credits
+    return billed
 
 
 def window_attribution(store: Store, since: float, until: float, *,
@@ -226,9 +269,22 @@ def usage_report(
         raise UsageError(f"cannot group by {by!r}", hint=f"Use one of: {', '.join(BY)}.")
     if until <= since:
         raise UsageError("--until must be later than --since")
-    attribution, requests, managed = window_attribution(store, since, until)
+    # Days whose rows were retired are read from their roll-ups (whole days).
+    last = store.ledger.last_rollup_day()
+    rollups: list[DailyRollup] = []
+    start = since
+    if last is not None and day_name(since) <= last:
+        rollups = store.ledger.rollups(day_name(since), min(day_name(until), last) + "~")
+        start = min(until, _midnight_after(last))
+    attribution, requests, managed = window_attribution(store, start, until)
+    if start > since:
+        managed = _managed(store.ledger.timeline(until, since - LOOKBACK), since)
     return build_report(attribution, requests, managed, by=by, cost=cost,
-                        user=user, names=names)
+                        user=user, names=names, rollups=rollups, since=since)
+
+
+def _midnight_after(day: str) -> float:
+    return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp() + DAY
 
 
 def period_start(per: str, now: float) -> float:

@@ -91,18 +91,24 @@ class TimelineEvent:
 
 @dataclass(frozen=True, slots=True)
 class DailyRollup:
-    """One day (UTC, ``YYYY-MM-DD``) of one user, GPU or model, kept after its rows are gone."""
+    """One day (UTC, ``YYYY-MM-DD``) of one user, GPU or model, kept after its rows are gone.
+
+    ``by = "reason"`` rows hold a day's ``unattributed`` seconds of one reason; a ``by =
+    "fleet"`` row (all zeros) marks a day as rolled up, with or without activity.
+    """
 
     day: str
-    by: str  # "user", "gpu" or "model"
+    by: str  # "user", "gpu", "model", "reason" or "fleet"
     key: str
-    requests: int
-    tokens_in: int
-    tokens_out: int
-    cold: int
-    serving: float
-    waking: float
-    held: float
+    requests: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cold: int = 0
+    serving: float = 0.0
+    waking: float = 0.0
+    held: float = 0.0
+    credits: float = 0.0
+    unattributed: float = 0.0
 
 
 class LedgerStore:
@@ -212,10 +218,19 @@ class LedgerStore:
             DailyRollup(*tuple(r))
             for r in self.conn.execute(
                 "SELECT day, by, key, requests, tokens_in, tokens_out, cold, serving, waking,"
-                " held FROM usage_daily WHERE day >= ? AND day < ? ORDER BY day, by, key",
-                (since_day, until_day),
+                " held, credits, unattributed FROM usage_daily WHERE day >= ? AND day < ? "
+                "ORDER BY day, by, key", (since_day, until_day),
             )
         ]
+
+    def last_rollup_day(self) -> str | None:
+        """The last day rolled up (``YYYY-MM-DD``), if any."""
+        row = self.conn.execute("SELECT MAX(day) FROM usage_daily").fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def first_event(self) -> float | None:
+        row = self.conn.execute("SELECT MIN(at) FROM gpu_timeline").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def oldest_request(self) -> float | None:
         row = self.conn.execute("SELECT MIN(at) FROM request_log").fetchone()
@@ -227,13 +242,16 @@ class LedgerStore:
         try:
             self.conn.executemany(
                 """INSERT INTO usage_daily (day, by, key, requests, tokens_in, tokens_out,
-                    cold, serving, waking, held) VALUES (?,?,?,?,?,?,?,?,?,?)
+                    cold, serving, waking, held, credits, unattributed)
+                VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
                 ON CONFLICT (day, by, key) DO UPDATE SET
                     requests = requests + excluded.requests,
                     tokens_in = tokens_in + excluded.tokens_in,
                     tokens_out = tokens_out + excluded.tokens_out,
                     cold = cold + excluded.cold, serving = serving + excluded.serving,
-                    waking = waking + excluded.waking, held = held + excluded.held""",
+                    waking = waking + excluded.waking, held = held + excluded.held,
+                    credits = credits + excluded.credits,
+                    unattributed = unattributed + excluded.unattributed""",
                 [astuple(r) for r in rollups],
             )
             deleted = self.conn.execute(

@@ -83,7 +83,8 @@ def _m002_ledger(conn: sqlite3.Connection) -> None:
             requests INTEGER NOT NULL DEFAULT 0, tokens_in INTEGER NOT NULL DEFAULT 0,
             tokens_out INTEGER NOT NULL DEFAULT 0, cold INTEGER NOT NULL DEFAULT 0,
             serving REAL NOT NULL DEFAULT 0, waking REAL NOT NULL DEFAULT 0,
-            held REAL NOT NULL DEFAULT 0, PRIMARY KEY (day, by, key))""",
+            held REAL NOT NULL DEFAULT 0, credits REAL NOT NULL DEFAULT 0,
+            unattributed REAL NOT NULL DEFAULT 0, PRIMARY KEY (day, by, key))""",
         """CREATE TABLE budgets (
             key_id TEXT PRIMARY KEY, gpu_seconds REAL NOT NULL, per TEXT NOT NULL)""",
     ):

@@ -64,10 +64,13 @@ class _Run:
         self.engine: Engine | None = None
         self.pending: list[tuple[asyncio.Task[Ticket], RequestRow]] = []
         self.held: list[tuple[Ticket, RequestRow]] = []
+        #: Per engine run: (start, the meter's mark, its billed and split totals).
+        self.meters: list[tuple[float, float, dict[str, float], float]] = []
 
     async def start(self) -> None:
         self.engine = Engine(_config(), self.cloud, self.store, clock=self.clock,
                              nodes=self.cloud.node)
+        self.started = self.clock.wall()
         await self.engine.start()
 
     async def stop(self) -> None:
@@ -79,6 +82,11 @@ class _Run:
         for _, row in self.pending:
             self.engine.end_request(row, 499)
         self.pending, self.held = [], []
+        self.engine.tick()
+        meter = self.engine._meter  # the running counters of /metrics and budgets
+        split = sum(meter.totals.users.values()) + sum(meter.totals.unattributed.values())
+        if meter.mark is not None:
+            self.meters.append((self.started, meter.mark, dict(meter.totals.billed), split))
         await self.engine.stop()
         self.store.close()
 
@@ -135,6 +143,13 @@ async def _scenario(ops: list[Op], cuts: list[float]) -> None:
         events = store.ledger.timeline(until=end + 1)
         requests = store.requests(0, end + 1)
         store.close()
+    # The meter, counting as time closes, bills what the ledger bills, split as wholly.
+    for begun, mark, billed, split in run.meters:
+        assert split == pytest.approx(sum(billed.values()), abs=1e-3)
+        if mark > begun:
+            full = attribute(events, requests, begun, mark).billed
+            assert {g: s for g, s in billed.items() if s > 1e-6} == pytest.approx(
+                {g: s for g, s in full.items() if s > 1e-6}, abs=1e-3)
     edges = sorted({start, end, *(start + c * (end - start) for c in cuts)})
     whole = attribute(events, requests, start, end)
     assert whole.billed, "the GPU running from the start bills"

@@ -53,7 +53,7 @@ def test_retire_keeps_rollups_and_deletes_old_rows_atomically() -> None:
     for at in (10.0, 20.0, 200_000.0):
         store.ledger.add_request(_row(at))
     store.flush()
-    rollup = DailyRollup("1970-01-01", "user", "alice", 2, 0, 0, 0, 3.0, 0.0, 0.0)
+    rollup = DailyRollup("1970-01-01", "user", "alice", requests=2, serving=3.0)
     assert store.ledger.retire(100_000.0, [rollup]) == 2
     assert store.ledger.retire(100_000.0, [rollup]) == 0
     assert [r.at for r in store.requests(0, 1e12)] == [200_000.0]
