@@ -21,6 +21,7 @@ few rows per GPU per day and is kept whole.
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass, fields
@@ -67,6 +68,8 @@ class RequestRow:
 
 
 _COLUMNS = tuple(f.name for f in fields(RequestRow))
+#: A row's values in column order (``dataclasses.astuple`` deep-copies: 5x slower).
+_values = operator.attrgetter(*_COLUMNS)
 _INSERT = (
     f"INSERT INTO request_log ({', '.join(_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
@@ -136,7 +139,7 @@ class LedgerStore:
         pending, self._pending = self._pending, []
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            self.conn.executemany(_INSERT, [astuple(row) for row in pending])
+            self.conn.executemany(_INSERT, map(_values, pending))
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
