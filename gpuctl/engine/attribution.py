@@ -94,6 +94,8 @@ class _Phase:
     flavour: str
     ready: bool = False  # waking only: it reached "ready"
     claimants: list[RequestRow] = field(default_factory=list)
+    #: The claimants as (party, weight), computed once.
+    parties: list[tuple[tuple[str, str, str], float]] = field(default_factory=list)
 
 
 def _phases(events: Sequence[TimelineEvent], until: float) -> list[_Phase]:
@@ -175,6 +177,48 @@ def attribute(
     return result
 
 
+Party = tuple[str, str, str]  # (user, key id, model): whom a share is booked to
+
+
+def _party(row: RequestRow) -> Party:
+    return (row.user, row.key_id, row.model)
+
+
+class _Sweep:
+    """Who is in a slot and who holds a lease at the current instant of one GPU's sweep.
+
+    Kept as counts per party, so an instant costs O(parties), not O(requests in flight): at
+    512 concurrent streams of one user an instant is one share, not 512.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[Party, int] = {}
+        self.in_slot = 0
+        self.leases: dict[str, int] = {}  # user -> leases held
+        self.latest: dict[str, RequestRow] = {}  # user -> their latest request holding one
+
+    def slot(self, row: RequestRow, begins: bool) -> None:
+        party = _party(row)
+        count = self.slots.get(party, 0) + (1 if begins else -1)
+        if count > 0:
+            self.slots[party] = count
+        else:
+            self.slots.pop(party, None)
+        self.in_slot += 1 if begins else -1
+
+    def lease(self, row: RequestRow, begins: bool) -> None:
+        user = row.user
+        count = self.leases.get(user, 0) + (1 if begins else -1)
+        if count > 0:
+            self.leases[user] = count
+            last = self.latest.get(user)
+            if begins and (last is None or (row.served_at or 0.0) >= (last.served_at or 0.0)):
+                self.latest[user] = row
+        else:
+            self.leases.pop(user, None)
+            self.latest.pop(user, None)
+
+
 def _attribute_gpu(result: Attribution, gpu_id: str, phases: list[_Phase],
                    served: list[RequestRow], waited: list[RequestRow]) -> None:
     since, until = result.since, result.until
@@ -211,8 +255,7 @@ def _attribute_gpu(result: Attribution, gpu_id: str, phases: list[_Phase],
         cuts.add(hour)
         hour += HOUR
     times = sorted(t for t in cuts if since <= t <= until)
-    in_slot: dict[int, RequestRow] = {}
-    leases: dict[str, dict[int, RequestRow]] = defaultdict(dict)
+    sweep = _Sweep()
     m = 0
     starts = [p.start for p in phases]
     shares = result.shares
@@ -220,12 +263,10 @@ def _attribute_gpu(result: Attribution, gpu_id: str, phases: list[_Phase],
     for a, b in itertools.pairwise(times):
         while m < len(marks) and marks[m][0] <= a:
             _, order, mark, i = marks[m]
-            row = served[i]
-            holder = in_slot if mark == 0 else leases[row.user]
-            if order == 1:
-                holder[i] = row
+            if mark == 0:
+                sweep.slot(served[i], order == 1)
             else:
-                holder.pop(i, None)
+                sweep.lease(served[i], order == 1)
             m += 1
         if b <= a:
             continue
@@ -235,37 +276,40 @@ def _attribute_gpu(result: Attribution, gpu_id: str, phases: list[_Phase],
         phase = phases[at]
         span = b - a
         billed += span
-        kind, reason, rows = _split(phase, in_slot, leases, until)
+        kind, reason, parts = _split(phase, sweep, until)
         bucket = (a // HOUR) * HOUR
-        if not rows:
+        if not parts:
             key = ShareKey(gpu_id, bucket, "unattributed", reason, "", "", "", phase.flavour)
             shares[key] = shares.get(key, 0.0) + span
             continue
-        part = span / len(rows)
-        for row in rows:
-            key = ShareKey(gpu_id, bucket, kind, "", row.user, row.key_id, row.model,
-                           phase.flavour)
-            shares[key] = shares.get(key, 0.0) + part
+        for (user, key_id, model), weight in parts:
+            key = ShareKey(gpu_id, bucket, kind, "", user, key_id, model, phase.flavour)
+            shares[key] = shares.get(key, 0.0) + span * weight
     result.billed[gpu_id] = result.billed.get(gpu_id, 0.0) + billed
 
 
-def _split(phase: _Phase, in_slot: dict[int, RequestRow],
-           leases: dict[str, dict[int, RequestRow]],
-           until: float) -> tuple[str, str, list[RequestRow]]:
-    """Who gets an instant of ``phase``: (kind, reason when nobody, the rows sharing it)."""
-    if in_slot:
-        return "serving", "", list(in_slot.values())
+def _split(phase: _Phase, sweep: _Sweep, until: float
+           ) -> tuple[str, str, list[tuple[Party, float]]]:
+    """Who gets an instant of ``phase``: (kind, reason when nobody, parties and weights)."""
+    if sweep.in_slot:
+        total = sweep.in_slot
+        return "serving", "", [(p, n / total) for p, n in sweep.slots.items()]
     if phase.kind == "waking":
         if not phase.ready and phase.end < until:
             return "unattributed", "failed", []
         if phase.claimants:
-            return "waking", "", phase.claimants
+            if not phase.parties:
+                counts: dict[Party, int] = defaultdict(int)
+                for row in phase.claimants:
+                    counts[_party(row)] += 1
+                n = len(phase.claimants)
+                phase.parties = [(p, c / n) for p, c in counts.items()]
+            return "waking", "", phase.parties
         return "unattributed", _WAKE_REASON.get(phase.cause, "outside"), []
     if phase.kind == "up":
         # One share per user holding a lease, booked to their latest request on this GPU.
-        holders = [max(rows.values(), key=lambda r: r.served_at or 0.0)
-                   for rows in leases.values() if rows]
-        if holders:
-            return "held", "", holders
+        if sweep.latest:
+            weight = 1.0 / len(sweep.latest)
+            return "held", "", [(_party(row), weight) for row in sweep.latest.values()]
         return "unattributed", _IDLE_REASON.get(phase.cause, "outside"), []
     return "unattributed", phase.kind, []  # "pausing" or "failed"
