@@ -116,25 +116,33 @@ def _csv(report: UsageReport) -> str:
     return out.getvalue()
 
 
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.2f}"
+class _Unit:
+    """GPU-hours, or GPU-seconds for a window that billed less than an hour (a demo)."""
+
+    def __init__(self, billed: float) -> None:
+        self.hours = billed >= 3600
+        self.name = "GPU-hours" if self.hours else "GPU-seconds"
+
+    def __call__(self, seconds: float) -> str:
+        return f"{seconds / 3600:.2f}" if self.hours else f"{seconds:.1f}"
 
 
 def _print(app_ctx: AppContext, report: UsageReport) -> None:
     out = app_ctx.out
     attributed = sum(r.gpu_seconds.total for r in report.rows)
     lost = sum(report.unattributed.values())
-    out.print(f"Usage {report.since} → {report.until}, by {report.by} (GPU-hours)")
-    out.print(f"Billed {_hours(report.billed_gpu_seconds)} of "
-              f"{_hours(report.always_on_gpu_seconds)} always-on: "
+    unit = _Unit(report.billed_gpu_seconds)
+    out.print(f"Usage {report.since} → {report.until}, by {report.by} ({unit.name})")
+    always_on = report.always_on_gpu_seconds
+    out.print(f"Billed {unit(report.billed_gpu_seconds)} of {unit(always_on)} always-on: "
               f"saved {report.savings * 100:.1f} %")
     if not report.rows and not report.billed_gpu_seconds:
         message(app_ctx, "Nothing billed and no requests in this window.")
         return
-    out.print(_table(report, attributed, lost))
+    out.print(_table(report, attributed, lost, unit))
 
 
-def _table(report: UsageReport, attributed: float, lost: float) -> Table:
+def _table(report: UsageReport, attributed: float, lost: float, _hours: _Unit) -> Table:
     from rich.table import Table
 
     credits = any(r.credits for r in report.rows)

@@ -50,7 +50,8 @@ def test_usage_reads_the_state_dir_and_adds_up(gpuctl_home: Path) -> None:
     assert report["unattributed"] == {"pausing": 30.0}
     assert report["always_on_gpu_seconds"] == 7200.0
     table = gpuctl("usage", "--since", "2h")
-    assert "ann" in table.stdout and "CREDITS" in table.stdout and "0.22" in table.stdout
+    assert "ann" in table.stdout and "CREDITS" in table.stdout and "7.50" in table.stdout
+    assert "(GPU-seconds)" in table.stdout and "750.0" in table.stdout  # under an hour
 
 
 def test_usage_by_day_and_csv(gpuctl_home: Path) -> None:
