@@ -102,6 +102,7 @@ def _phases(events: Sequence[TimelineEvent], until: float) -> list[_Phase]:
     """The billed phases of one GPU's events (sorted), the last one open until ``until``."""
     phases: list[_Phase] = []
     current: _Phase | None = None
+    up_cause = "outside"  # the cause of the last up phase, for one a failed pause resumes
 
     def close(at: float) -> None:
         nonlocal current
@@ -112,9 +113,11 @@ def _phases(events: Sequence[TimelineEvent], until: float) -> list[_Phase]:
         current = None
 
     def begin(at: float, kind: str, cause: str, flavour: str) -> None:
-        nonlocal current
+        nonlocal current, up_cause
         close(at)
         current = _Phase(at, at, kind, cause, flavour)
+        if kind == "up":
+            up_cause = cause
 
     for e in events:
         status, cause = e.status, e.cause
@@ -139,6 +142,8 @@ def _phases(events: Sequence[TimelineEvent], until: float) -> list[_Phase]:
                 begin(e.at, "up", cause, e.flavour)
             elif current.kind == "failed":
                 begin(e.at, "up", "failed", e.flavour)
+            elif current.kind == "pausing":
+                begin(e.at, "up", up_cause, e.flavour)  # the pause failed: still up
         elif current is None:
             # Billing began without an action of ours (the portal, or first seen running).
             first = cause if cause in _CAUSED else "outside"
@@ -250,10 +255,13 @@ def _attribute_gpu(result: Attribution, gpu_id: str, phases: list[_Phase],
         cuts.add(p.start)
         cuts.add(p.end)
     cuts.update(m[0] for m in marks)
-    hour = (since // HOUR + 1) * HOUR
-    while hour < until:
-        cuts.add(hour)
-        hour += HOUR
+    # Hours are cut only where the GPU billed: a window of years over a GPU that ran an
+    # hour costs one cut, not 8,760 a year.
+    for p in phases:
+        hour = (max(since, p.start) // HOUR + 1) * HOUR
+        while hour < min(until, p.end):
+            cuts.add(hour)
+            hour += HOUR
     times = sorted(t for t in cuts if since <= t <= until)
     sweep = _Sweep()
     m = 0

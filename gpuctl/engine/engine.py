@@ -306,6 +306,8 @@ class Engine:
         future: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
         waiter = self._queue.push(name, user, future, now, progress, model)
         waiter.request = request
+        if request is not None:
+            waiter.wake_gpu = self._waker.waking_for(name)  # joins a wake under way
         choice = self._index.choose(name, user, self._leases.of_user(user))
         if choice is not None:  # a free slot nobody handed on yet: hand it on now
             self._drain(choice.gpu)

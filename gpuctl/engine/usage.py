@@ -89,10 +89,10 @@ def parse_when(text: str, now: float) -> float:
     time; epoch seconds. A ``UsageError`` says what is accepted."""
     match = _DURATION.match(text)
     if match:
-        return now - float(match.group(1)) * _UNITS[match.group(2)]
+        return max(0.0, now - float(match.group(1)) * _UNITS[match.group(2)])
     try:
         parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UsageError(
             f"cannot read {text!r} as a time",
             hint="Use a duration (7d, 12h, 30m), a date (2026-11-01) or an ISO time "

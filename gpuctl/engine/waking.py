@@ -146,6 +146,14 @@ class Waker:
         ranked.sort(key=lambda pair: pair[0])
         return [gpu for _, gpu in ranked]
 
+    def waking_for(self, model: str) -> str | None:
+        """The GPU being woken for the waiters of ``model``, if one is (for the ledger)."""
+        for gpu_id in self._catalog.holders(model):
+            gpu = self._gpus.get(gpu_id)
+            if gpu is not None and gpu.waking is not None and model in gpu.waking.models:
+                return gpu.id
+        return None
+
     def resume_left(self, model: str) -> float:
         """Seconds, about, until the wake under way (or the best one to begin) for ``model``
         has a GPU up: a queued request's estimate while no GPU serves the model."""

@@ -100,6 +100,13 @@ def test_a_window_cuts_at_its_edges_and_at_every_hour() -> None:
     conserved(result)
 
 
+def test_a_pause_that_failed_leaves_the_gpu_up_under_its_old_cause() -> None:
+    events = [ev(0, "resuming", "hand"), ev(10, "ready"), ev(20, "pausing", "hand"),
+              ev(25, "ready", "outside"), ev(100, "paused")]
+    result = attribute(events, [], T0, T0 + 200)
+    assert result.unattributed() == {"grace": pytest.approx(95), "pausing": pytest.approx(5)}
+
+
 def test_nothing_bills_while_paused_or_gone() -> None:
     events = [ev(0, "ready", "outside"), ev(50, "gone", "outside"), ev(80, "paused")]
     result = attribute(events, [], T0, T0 + 100)

@@ -74,3 +74,18 @@ async def test_gpuctl_usage_url_reads_the_gateway_with_the_key_from_the_environm
                                         env={"GPUCTL_GATEWAY_URL": world.url})
         assert wrong.exit_code == 4
         assert "refused the key" in wrong.output
+
+
+async def test_a_window_of_millennia_is_answered_from_what_happened(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world(GpuSpec("gpu-1")) as world:
+        await _two_users(world)
+        async with world.client() as c:
+            huge = await c.get("/admin/usage", params={"since": "99999999999d", "by": "hour"})
+            absurd = await c.get("/admin/usage", params={"since": "1e400d"})
+        assert huge.status_code == 200
+        assert absurd.status_code == 400 and "1e400d" in absurd.json()["error"]
+        body = huge.json()
+        assert body["since"].startswith("1970-01-01")
+        assert [row["key"][:13] for row in body["rows"]] == ["2027-01-15T08"]  # one hour
