@@ -186,12 +186,16 @@ def budget(
     as_json: JsonOpt = False,
 ) -> None:
     """Limit the GPU-hours a key may cause; past it, warm GPUs serve it but none wakes."""
+    import math
+
     from gpuctl.engine.budgets import PERIODS
     from gpuctl.errors import UsageError
 
     if (gpu_hours is None) == (not none):
         raise UsageError("give either --gpu-hours N or --none",
                          hint="e.g. `gpuctl keys budget KEY_ID --gpu-hours 2 --per day`.")
+    if gpu_hours is not None and not math.isfinite(gpu_hours):
+        raise UsageError(f"--gpu-hours must be a number of hours, not {gpu_hours}")
     if per not in PERIODS:
         raise UsageError(f"--per must be one of {', '.join(PERIODS)}, not {per!r}")
     app_ctx = _app(ctx)

@@ -72,6 +72,8 @@ _SKIP = frozenset({
     b"upgrade", b"expect", b"authorization", b"proxy-authorization", b"proxy-connection",
 })
 _KEEPALIVE_SECONDS = 15.0
+#: Characters of a request's model name the ledger keeps (Ollama's names are far shorter).
+MODEL_NAME_KEPT = 200
 #: Tries per request when nodes fail before answering (each on another GPU if one is ready).
 _ATTEMPTS = 3
 _USAGE_BODY_LIMIT = 256 * 1024
@@ -146,7 +148,7 @@ async def _serve_keyed(gw: Gateway, route: Route, scope: Scope, receive: Receive
         return 400
     stream_field = payload.get("stream")
     stream = route.stream_default if stream_field is None else bool(stream_field)
-    request.model = model
+    request.model = model[:MODEL_NAME_KEPT]  # a client's string: kept bounded in the ledger
     call = _Call(gw, route, scope, receive, send, body, model, stream, request, started)
     try:
         return await call.run()

@@ -118,4 +118,7 @@ def test_keys_budget_refuses_bad_input_and_admin_keys() -> None:
     assert gpuctl("keys", "budget", admin).exit_code == 2  # neither --gpu-hours nor --none
     assert gpuctl("keys", "budget", admin, "--gpu-hours", "1", "--per", "year").exit_code == 2
     assert gpuctl("keys", "budget", admin, "--gpu-hours", "-1").exit_code == 2
+    for bad in ("nan", "inf"):
+        result = gpuctl("keys", "budget", admin, "--gpu-hours", bad)
+        assert result.exit_code == 2 and "gpu-hours" in result.output
     assert gpuctl("keys", "budget", "key_nope", "--gpu-hours", "1").exit_code == 1

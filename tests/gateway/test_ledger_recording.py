@@ -92,3 +92,14 @@ async def test_a_portal_resume_is_marked_outside(make_world: WorldFactory) -> No
         assert ("resuming", "outside") in events or ("running", "outside") in events
         assert all(cause in ("outside", "observed") for _, cause in events)
         assert events[-1][0] == "ready"
+
+
+async def test_a_megabyte_model_name_is_kept_bounded_in_the_ledger(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world() as world:
+        async with world.client() as c:
+            answer = await c.post("/api/generate", json={"model": "x" * 1_000_000})
+        assert answer.status_code == 404
+        (row,) = world.store.requests(0, 1e12)
+        assert row.model == "x" * 200 and row.outcome == "refused"
