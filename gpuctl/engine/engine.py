@@ -109,6 +109,7 @@ class Engine:
         self._catalog = ModelCatalog(config.gpu.slots)
         self.ledger = Ledger(store, self.clock, observe_fleet=observe_fleet)
         self._observe_fleet = observe_fleet
+        self._reporting = asyncio.Lock()
         self._retired_at = float("-inf")
         timing = config.timing
         self._meter = CostMeter(store, self.clock, wake_seconds=(
@@ -545,16 +546,36 @@ class Engine:
         holders = self._catalog.holders(normalize_model(model))
         return [self._view(self._gpus[g]) for g in sorted(holders) if g in self._gpus]
 
-    def usage(self, *, since: str = "7d", until: str | None = None, by: str = "user",
-              user: str | None = None) -> UsageReport:
+    async def usage(self, *, since: str = "7d", until: str | None = None, by: str = "user",
+                    user: str | None = None) -> UsageReport:
         """The usage report of ``[since, until)`` (``gpuctl usage`` syntax); ``user`` limits
-        the rows to that user's (a user key), the fleet totals stay whole."""
+        the rows to that user's (a user key), the fleet totals stay whole.
+
+        A month of a busy fleet takes seconds to attribute, so it runs in a thread on its own
+        connection (after a flush, so it sees every row), one report at a time: the gateway
+        goes on serving meanwhile. A throw-away in-memory store is read in place.
+        """
         now = self.clock.wall()
         start = parse_when(since, now)
         end = parse_when(until, now) if until else now
         names = {g.id: g.name for g in self._gpus.values()}
-        return usage_report(self.store, since=start, until=end, by=by, cost=self.config.cost,
-                            user=user, names=names)
+        cost = self.config.cost
+        if str(self.store.path) == ":memory:":
+            return usage_report(self.store, since=start, until=end, by=by, cost=cost,
+                                user=user, names=names)
+        self.store.flush()
+        state = self.store.path.parent
+
+        def report() -> UsageReport:
+            store = Store.open(state)
+            try:
+                return usage_report(store, since=start, until=end, by=by, cost=cost,
+                                    user=user, names=names)
+            finally:
+                store.close()
+
+        async with self._reporting:
+            return await asyncio.to_thread(report)
 
     def metrics(self) -> EngineMetrics:
         return EngineMetrics(

@@ -113,7 +113,7 @@ async def usage() -> Response:
     their own rows and the fleet's totals."""
     gw = gateway()
     key = gw.auth.check(request.headers.get("Authorization"))
-    report = gw.engine.usage(
+    report = await gw.engine.usage(
         since=request.args.get("since") or "7d", until=request.args.get("until") or None,
         by=request.args.get("by") or "user", user=None if key.is_admin else key.name,
     )

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from gpuctl.engine.attribution import HOUR, Attribution, attribute
 from gpuctl.store import RequestRow, TimelineEvent
 
+from .reference_attribution import attribute_reference
+
 T0 = 1_800_000_000.0 - 1_800_000_000.0 % HOUR  # an hour boundary
 
 
@@ -155,3 +157,17 @@ def test_every_billed_second_is_attributed_or_has_a_reason(
     for gpu_id, billed in result.billed.items():
         assert left.billed.get(gpu_id, 0) + right.billed.get(gpu_id, 0) == pytest.approx(
             billed, abs=1e-3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ledgers())
+def test_the_running_integrals_give_the_shares_of_the_instant_by_instant_rules(
+    ledger: tuple[list[TimelineEvent], list[RequestRow], float, float],
+) -> None:
+    events, requests, since, until = ledger
+    fast = attribute(events, requests, since, until)
+    slow = attribute_reference(events, requests, since, until)
+    assert fast.billed == pytest.approx(slow.billed, abs=1e-6)
+    for key in set(fast.shares) | set(slow.shares):
+        assert fast.shares.get(key, 0.0) == pytest.approx(slow.shares.get(key, 0.0),
+                                                          abs=1e-6), key
