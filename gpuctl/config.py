@@ -56,6 +56,8 @@ class ServerConfig(_Section):
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot or a wake")
     queue_timeout_seconds: float = Field(900, gt=0)
     max_body_mb: float = Field(64, gt=0)
+    wait_notice: Literal["comment", "thinking", "none"] = Field(
+        "thinking", description="how a held stream hears its wait (gateway/notices.py)")
 
 
 class CloudApiConfig(_Section):

@@ -9,9 +9,9 @@ goes from the node's socket callback straight to the client's socket (``DirectWr
 under any other ASGI server it is one ``send`` per piece.
 
 The flow: authenticate (O(1) cache) → read the body (413 past ``server.max_body_mb``) →
-``engine.acquire`` (holds while a GPU wakes or a slot frees; a streaming ``/v1`` request
-gets SSE comment lines meanwhile, a native NDJSON stream gets nothing, because the ollama
-client parses every line) → relay → ``engine.release``. A client that disconnects cancels
+``engine.acquire`` (holds while a GPU wakes or a slot frees; a streaming request hears
+wait notices meanwhile, in the form ``server.wait_notice`` picks: see ``notices.py``) →
+relay → ``engine.release``. A client that disconnects cancels
 the request wherever it is: out of the queue, or the upstream connection closed (Ollama
 stops generating) and the slot freed at once. A node that dies mid-stream ends the stream
 with an error line (NDJSON) or without ``[DONE]`` (SSE, as Ollama does) and the GPU is
@@ -32,6 +32,7 @@ from gpuctl.engine.api import Progress, RequestRow, Ticket, Usage
 from gpuctl.errors import GpuctlError, Unavailable
 from gpuctl.gateway.auth import AuthError
 from gpuctl.gateway.context import Gateway
+from gpuctl.gateway.notices import Notifier, notifier, strip_history
 from gpuctl.gateway.replies import (
     DIRECT,
     TEXT_CT,
@@ -148,6 +149,7 @@ async def _serve_keyed(gw: Gateway, route: Route, scope: Scope, receive: Receive
         return 400
     stream_field = payload.get("stream")
     stream = route.stream_default if stream_field is None else bool(stream_field)
+    body = strip_history(payload, body)  # our own wait notices, sent back by a chat UI
     request.model = model[:MODEL_NAME_KEPT]  # a client's string: kept bounded in the ledger
     call = _Call(gw, route, scope, receive, send, body, model, stream, request, started)
     try:
@@ -211,7 +213,8 @@ class _Call:
         self.user = request.user
         self.request = request
         self.t0 = started
-        self.sse_wait = route.openai and stream
+        self.notifier: Notifier | None = notifier(
+            gw.config.server.wait_notice, scope["path"], model, stream=stream)
         self.started = False  # response headers sent
         self.client_gone = False
         self.finished = False
@@ -268,7 +271,7 @@ class _Call:
         for attempt in range(1, _ATTEMPTS + 1):
             try:
                 ticket = await gw.engine.acquire(
-                    self.model, self.user, progress=self._progress if self.sse_wait else None,
+                    self.model, self.user, progress=self._progress if self.notifier else None,
                     request=self.request)
             except GpuctlError as exc:
                 await self._stop_pump()
@@ -320,8 +323,9 @@ class _Call:
                 text = (await response.read()).decode("utf-8", "replace")
                 await self._send_error_event(_error_message(text) or f"upstream status {status}")
                 return status, None, None
+            assert self.notifier is not None  # only notices start a response early
             await send({"type": "http.response.body",
-                        "body": f": served by {ticket.gpu_name}\n\n".encode(),
+                        "body": self.notifier.chunk(f"served by {ticket.gpu_name}"),
                         "more_body": True})
         else:
             headers = [*response.headers, *self._gpu_headers(ticket)]
@@ -396,7 +400,10 @@ class _Call:
         return status
 
     async def _send_error_event(self, message: str) -> None:
-        body = b"data: " + error_body(message, 500, openai=True) + b"\n\n"
+        if self.notifier is not None:
+            body = self.notifier.error(message)
+        else:
+            body = b"data: " + error_body(message, 500, openai=True) + b"\n\n"
         await self.send({"type": "http.response.body", "body": body, "more_body": True})
         await self._end()
 
@@ -405,7 +412,7 @@ class _Call:
         self.finished = True
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    # -- SSE comments while waiting ----------------------------------------------------
+    # -- wait notices while held (notices.py renders them) --------------------------------
 
     def _progress(self, progress: Progress) -> None:
         self._notes.append(_describe_progress(progress))
@@ -416,22 +423,23 @@ class _Call:
 
     async def _run_pump(self, event: asyncio.Event) -> None:
         send = self.send
+        notices = self.notifier
+        assert notices is not None
         await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+            (b"content-type", notices.content_type), (b"cache-control", b"no-cache"),
         ]})
         self.started = True
-        last = ""
+        began = time.monotonic()
         while True:
             try:
                 await asyncio.wait_for(event.wait(), _KEEPALIVE_SECONDS)
             except asyncio.TimeoutError:
-                self._notes.append(last or "waiting")
+                self._notes.append(f"still waiting ({time.monotonic() - began:.0f} s so far)")
             event.clear()
             notes, self._notes = self._notes, []
             if notes:
-                last = notes[-1]
-                text = "".join(f": {note}\n\n" for note in notes)
-                await send({"type": "http.response.body", "body": text.encode(),
+                await send({"type": "http.response.body",
+                            "body": b"".join(notices.chunk(note) for note in notes),
                             "more_body": True})
             if self._pump_stop:
                 return

@@ -81,7 +81,8 @@ async def test_full_queue_gets_503_with_retry_after(make_world: WorldFactory) ->
 async def test_streaming_v1_request_hears_sse_comments_while_a_gpu_wakes(
     make_world: WorldFactory,
 ) -> None:
-    async with make_world(GpuSpec("gpu-1", status="paused", chunks=2)) as world, \
+    async with make_world(GpuSpec("gpu-1", status="paused", chunks=2),
+                          wait_notice="comment") as world, \
             world.client() as c:
         body = {"model": "llama3.2", "messages": [], "stream": True}
         async with c.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -100,7 +101,8 @@ async def test_streaming_v1_request_hears_sse_comments_while_a_gpu_wakes(
 async def test_native_stream_gets_no_comment_lines_while_waiting(
     make_world: WorldFactory,
 ) -> None:
-    async with make_world(GpuSpec("gpu-1", status="paused")) as world, world.client() as c:
+    async with make_world(GpuSpec("gpu-1", status="paused"), wait_notice="comment") as world, \
+            world.client() as c:
         world.tasks.append(asyncio.ensure_future(
             world.until(lambda: world.nodes["gpu-1"].requests["/api/chat"] == 1)))
         async with c.stream("POST", "/api/chat", json={"model": "llama3.2"}) as r:

@@ -114,13 +114,13 @@ def world_factory(tmp_path: Path) -> WorldFactory:
     @contextlib.asynccontextmanager
     async def factory(*gpus: GpuSpec, slots: int = 2, max_queue: int = 64,
                       max_body_mb: float = 64, known: dict[str, list[str]] | None = None,
-                      ) -> AsyncIterator[World]:
+                      wait_notice: str = "thinking") -> AsyncIterator[World]:
         gpus = gpus or (GpuSpec("gpu-1"),)
         clock = FakeClock()
         cloud = SimCloud(clock, resume_seconds=60, pause_seconds=30, ollama_seconds=5)
         config = Config.model_validate({
             "server": {"max_queue": max_queue, "queue_timeout_seconds": 900,
-                       "max_body_mb": max_body_mb},
+                       "max_body_mb": max_body_mb, "wait_notice": wait_notice},
             "gpu": {"slots": slots},
             "timing": {"reservation_minutes": 10, "fallback_reservation_minutes": 3,
                        "startup_timeout_seconds": 600, "ollama_readiness_wait_seconds": 120,
