@@ -52,6 +52,7 @@ from gpuctl.engine.fleet import Flight, Gpu, WakeStage, normalize_model
 from gpuctl.engine.leases import LeaseBook, reservation_seconds
 from gpuctl.engine.ledger import Ledger
 from gpuctl.engine.meter import CostMeter, CostTotals
+from gpuctl.engine.overview import FleetOverview, overview
 from gpuctl.engine.progress import Announcer
 from gpuctl.engine.retention import retire_old_rows
 from gpuctl.engine.roster import Roster
@@ -61,6 +62,7 @@ from gpuctl.engine.views import find_gpu, gpu_metrics, gpu_view, ps_entries, uni
 from gpuctl.engine.waking import Waker
 from gpuctl.errors import CloudError, GpuctlError, Unavailable
 from gpuctl.store import LeaseRecord, RequestRow, Store
+from gpuctl.store.store import UsageTotals
 
 __all__ = ["Engine", "NodeFactory"]
 
@@ -545,6 +547,23 @@ class Engine:
     def gpus_with_model(self, model: str) -> list[GpuView]:
         holders = self._catalog.holders(normalize_model(model))
         return [self._view(self._gpus[g]) for g in sorted(holders) if g in self._gpus]
+
+    def overview(self) -> FleetOverview:
+        """The fleet at a glance for the status page and ``gpuctl top``; never wakes a GPU."""
+        now = self.clock.now()
+        self._roster.expire(now)
+        serving: dict[str, list[str]] = {}
+        for grant in self._grants.values():
+            serving.setdefault(grant.gpu.id, []).append(grant.user)
+        estimate = {m: self._announcer.estimate(m, self._queue.depth(m))
+                    for m in self._queue.models()}
+        return overview(self._gpus.values(), now=now, wall=self.clock.wall(),
+                        leases=self._leases, queue=self._queue, estimator=self._estimator,
+                        serving=serving, estimate=estimate)
+
+    def usage_totals(self) -> dict[str, UsageTotals]:
+        """Each user's requests, tokens and GPU time, summed since the store began."""
+        return self.store.usage()
 
     async def usage(self, *, since: str = "7d", until: str | None = None, by: str = "user",
                     user: str | None = None) -> UsageReport:

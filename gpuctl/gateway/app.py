@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from gpuctl.config import Config
 from gpuctl.errors import GpuctlError, Unavailable
-from gpuctl.gateway import admin, routes
+from gpuctl.gateway import admin, routes, ui
 from gpuctl.gateway.auth import AuthError
 from gpuctl.gateway.context import EngineFace, Gateway
 from gpuctl.gateway.proxy import HOT_ROUTES, handle
@@ -84,6 +84,7 @@ def create_app(config: Config, engine: EngineFace, keys: KeyStore, *,
     )
     quart.register_blueprint(routes.blueprint)
     quart.register_blueprint(admin.blueprint)
+    ui.install(quart, gw)
     _install_lifecycle(quart, gw)
     _install_auth(quart, gw)
     _install_errors(quart, gw)
@@ -129,6 +130,8 @@ def _install_auth(quart: Quart, gw: Gateway) -> None:
         path = request.path
         if path in PUBLIC or request.url_rule is None:
             return  # unknown paths get Ollama's 404, with or without a key
+        if path == "/ui" or path.startswith("/ui/"):
+            return  # the status page signs in once and checks its cookie (gateway/ui.py)
         gw.auth.check(request.headers.get("Authorization"),
                       admin=_needs_admin(path, request.method))
 

@@ -22,11 +22,13 @@ from gpuctl.engine.api import (
     Ticket,
     Usage,
 )
+from gpuctl.engine.overview import FleetOverview
 from gpuctl.errors import GpuctlError
 from gpuctl.gateway.auth import Authenticator
 from gpuctl.gateway.metrics import GatewayMetrics
 from gpuctl.gateway.upstream import Pool, PoolTransport
 from gpuctl.store.keys import KeyStore
+from gpuctl.store.store import UsageTotals
 
 __all__ = ["EngineFace", "Gateway"]
 
@@ -56,6 +58,8 @@ class EngineFace(Protocol):
     async def usage(self, *, since: str = "7d", until: str | None = None, by: str = "user",
                     user: str | None = None) -> Any: ...
     def metrics(self) -> Any: ...
+    def overview(self) -> FleetOverview: ...
+    def usage_totals(self) -> dict[str, UsageTotals]: ...
 
 
 @dataclass

@@ -166,12 +166,14 @@ class DemoFleet:
             "",
             f"Gateway:  {url}  (Ollama API; OpenAI API under {url}/v1)",
             f"Demo key: {self.key}",
+            f"Page:     {url}/ui/  (the fleet live in a browser: sign in with the demo key)",
             "",
             "Try it from another terminal:",
         ]
         for comment, command in try_commands(url, self.key):
             lines += [f"  # {comment}", f"  {command}", ""]
-        lines.append("Watch the fleet: gpuctl status --demo    Stop the demo: Ctrl-C")
+        lines.append("Watch the fleet: gpuctl top --demo (or status --demo)    "
+                     "Stop the demo: Ctrl-C")
         return lines
 
 
@@ -180,7 +182,7 @@ def try_commands(url: str, key: str) -> list[tuple[str, str]]:
     or reusing one: curl and the ``ollama`` client ask gpu-1's models, ``openai`` gpu-3's."""
     ask = "[{'role': 'user', 'content': 'Hello!'}]"
     curl = (
-        f"curl -N {url}/api/chat -H 'Authorization: Bearer {key}' "
+        f"curl -iN {url}/api/chat -H 'Authorization: Bearer {key}' "
         """-d '{"model": "llama3.2", "messages": [{"role": "user", "content": "Hello!"}]}'"""
     )
     with_ollama = (
@@ -196,10 +198,12 @@ def try_commands(url: str, key: str) -> list[tuple[str, str]]:
         f"c.chat.completions.create(model='mistral', messages={ask}, stream=True)]; print()\""
     )
     return [
-        ("curl, the Ollama API: one JSON line per word (-i shows which GPU served, and why)",
+        ("curl, the Ollama API: one JSON line per word, after \"thinking\" lines while a GPU "
+         "wakes (-i shows the headers; X-Gpuctl-Gpu names the GPU when none had to wake)",
          curl),
-        ("the ollama Python client (pip install ollama)", with_ollama),
-        ("the openai Python client on /v1 (pip install openai)", with_openai),
+        ("the ollama Python client; first: python3 -m pip install ollama "
+         "(into this python3, not gpuctl's pipx environment)", with_ollama),
+        ("the openai Python client on /v1; first: python3 -m pip install openai", with_openai),
     ]
 
 

@@ -27,7 +27,7 @@ from gpuctl.cli.main import app
 from gpuctl.cli.remote import DEMO_FILE, published_demo
 from gpuctl.config import Config, cache_dir
 from gpuctl.engine.api import GpuView
-from gpuctl.gateway.app import create_app
+from gpuctl.gateway.app import GatewayApp, create_app
 from gpuctl.gateway.front import running_gateway
 from gpuctl.sim.demo import DemoFleet, DemoTimings, demo_fleet
 
@@ -41,6 +41,7 @@ class RunningDemo:
     fleet: DemoFleet
     url: str
     log: list[str] = field(default_factory=list)
+    gateway: GatewayApp | None = None
     closers: list[Callable[[], Any]] = field(default_factory=list)
 
     @property
@@ -76,7 +77,7 @@ def start_demo() -> DemoFactory:
                               say=log.append) as fleet:
             gateway = create_app(fleet.config, fleet.engine, fleet.keys)
             async with running_gateway(gateway) as url:
-                demo = RunningDemo(fleet, url, log)
+                demo = RunningDemo(fleet, url, log, gateway)
                 with published_demo(cache_dir(os.environ) / DEMO_FILE, url, fleet.key):
                     # The first answer waits for the engine's start (Hypercorn's lifespan).
                     async with httpx.AsyncClient(base_url=url, timeout=10) as client:

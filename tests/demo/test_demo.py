@@ -150,7 +150,11 @@ async def test_the_printed_commands_work_when_pasted_into_a_shell(
             assert proc.returncode == 0, err.decode()
             outputs.append(out.decode())
     curl, with_ollama, with_openai = outputs
-    lines = [json.loads(line) for line in curl.splitlines()]
+    head, _, body = curl.partition("\r\n\r\n")  # -i: the headers, as the comment promises
+    assert head.startswith("HTTP/1.1 200")
+    lines = [json.loads(line) for line in body.splitlines()]
+    thinking = [x["message"].get("thinking") for x in lines]
+    assert "[gpuctl] served by gpu-1\n" in thinking  # the wake was told as it happened
     assert lines[-1]["done"] is True and len(lines) > 10
     assert "".join(x["message"]["content"] for x in lines).startswith("Hello! This is llama3.2")
     assert with_ollama.startswith("Hello! This is qwen2.5:7b on gpu-1")

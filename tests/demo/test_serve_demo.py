@@ -29,10 +29,11 @@ def test_serve_demo_prints_the_key_and_three_commands_and_exits_0_on_sigterm(
             if line.startswith("Watch the fleet"):
                 break
         text = "\n".join(intro)
-        assert "Watch the fleet: gpuctl status --demo" in text, text
+        assert "Watch the fleet: gpuctl top --demo" in text, text
         url = re.search(r"^Gateway:  (http://127\.0\.0\.1:\d+) ", text, re.M)
         key = re.search(r"^Demo key: (sk-[\w-]+)$", text, re.M)
         assert url and key, text
+        assert f"Page:     {url.group(1)}/ui/  " in text  # the page, beside the demo key
         commands = [line.strip() for line in intro if line.startswith(("  curl", "  python3"))]
         assert [c.split()[0] for c in commands] == ["curl", "python3", "python3"]
         assert all(key.group(1) in c and url.group(1) in c for c in commands)
