@@ -5,7 +5,8 @@ The demo's fleet lives inside the serving process, so ``gpuctl status --demo`` a
 demo key in ``<cache dir>/demo.json`` (readable by the user only, removed at exit), and these
 commands call the gateway's admin API (``GET /gpu/discover``, ``GET /gpu/{ref}/status``) and
 rebuild the ``GpuView`` objects the usual renderer prints. A file left behind by a demo that
-died is recognised by its process id and ignored.
+died is recognised by its process id and ignored. ``gpuctl top`` reads ``GET /gpu/overview``
+of the demo or of any gateway (``gateway_overview``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from gpuctl.engine.api import GpuView
+from gpuctl.engine.api import ActionResult, GpuView
 from gpuctl.errors import CredentialsError, GpuctlError, GpuNotFound, UsageError
 
-__all__ = ["DEMO_FILE", "DemoEndpoint", "NoDemoRunning", "demo_gpu", "demo_gpus",
-           "find_demo", "gateway_get", "published_demo"]
+__all__ = ["DEMO_FILE", "DemoEndpoint", "GatewayGone", "NoDemoRunning", "demo_action",
+           "demo_gpu", "demo_gpus", "find_demo", "gateway_get", "gateway_overview",
+           "published_demo"]
 
 DEMO_FILE = "demo.json"
 _TIMEOUT = httpx.Timeout(10.0, connect=3.0)
@@ -99,15 +101,36 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _get(endpoint: DemoEndpoint, path: str) -> dict[str, Any]:
+def demo_action(endpoint: DemoEndpoint, ref: str, action: str, *, wait: bool,
+                timeout: float | None = None) -> ActionResult:
+    """``gpuctl resume|pause --demo``: the demo gateway's ``POST /gpu/{ref}/{action}``."""
+    params = {"wait": "1"} if wait else None
+    if params is not None and timeout is not None:
+        params["timeout"] = f"{timeout:g}"
+    body = _get(endpoint, f"/gpu/{quote(ref, safe='')}/{action}", method="POST",
+                params=params, timeout=httpx.Timeout(None if wait else 10.0, connect=3.0))
+    gpu = demo_gpu(endpoint, str(body.get("gpu_id") or ref))
+    return ActionResult(success=bool(body.get("success")), message=str(body.get("message")),
+                        gpu=gpu, elapsed_seconds=float(body.get("elapsed_seconds") or 0.0))
+
+
+def _get(endpoint: DemoEndpoint, path: str, *, method: str = "GET",
+         params: dict[str, str] | None = None,
+         timeout: httpx.Timeout = _TIMEOUT) -> dict[str, Any]:
     try:
-        return gateway_get(endpoint.url, endpoint.key, path)
-    except _Unreachable as exc:
+        return gateway_get(endpoint.url, endpoint.key, path, params, method=method,
+                           timeout=timeout)
+    except GatewayGone as exc:
         raise NoDemoRunning(f"the demo at {endpoint.url} does not answer "
                             f"({exc.reason})") from None
+    except GpuNotFound as exc:
+        raise GpuNotFound(exc.message,
+                          hint="Run `gpuctl discover --demo` to see the demo's GPUs.") from None
 
 
-class _Unreachable(GpuctlError):
+class GatewayGone(GpuctlError):
+    """The gateway did not answer at all (not running, wrong URL, network down)."""
+
     default_hint = "Check the URL (--url or GPUCTL_GATEWAY_URL) and that the gateway runs."
 
     def __init__(self, url: str, reason: str) -> None:
@@ -115,16 +138,18 @@ class _Unreachable(GpuctlError):
         self.reason = reason
 
 
-def gateway_get(url: str, key: str, path: str,
-                params: dict[str, str] | None = None) -> dict[str, Any]:
-    """GET ``path`` of a running gateway with ``key`` (in a header, never in the URL)."""
+def gateway_get(url: str, key: str, path: str, params: dict[str, str] | None = None, *,
+                method: str = "GET", timeout: httpx.Timeout = _TIMEOUT) -> dict[str, Any]:
+    """GET (or ``method``) ``path`` of a running gateway with ``key`` (in a header, never in
+    the URL)."""
     url = url.rstrip("/")
     endpoint = DemoEndpoint(url=url, key=key, pid=0)
     headers = {"Authorization": f"Bearer {key}"}
     try:
-        response = httpx.get(f"{url}{path}", headers=headers, params=params, timeout=_TIMEOUT)
+        response = httpx.request(method, f"{url}{path}", headers=headers, params=params,
+                                 timeout=timeout)
     except httpx.HTTPError as exc:
-        raise _Unreachable(url, type(exc).__name__) from None
+        raise GatewayGone(url, type(exc).__name__) from None
     if response.status_code in (401, 403):
         raise CredentialsError(f"the gateway at {url} refused the key "
                                f"(HTTP {response.status_code})",
@@ -145,6 +170,15 @@ def _body(endpoint: DemoEndpoint, path: str, response: httpx.Response) -> dict[s
     if response.status_code != 200 or not isinstance(body, dict):
         raise GpuctlError(f"the gateway at {endpoint.url} answered {path} with HTTP "
                           f"{response.status_code}" + (f": {error}" if error else ""))
+    return body
+
+
+def gateway_overview(url: str, key: str) -> dict[str, Any]:
+    """``GET /gpu/overview`` of a running gateway: what ``gpuctl top`` shows."""
+    body = gateway_get(url, key, "/gpu/overview")
+    if "fleet" not in body:
+        raise GpuctlError(f"the gateway at {url} sent no fleet in /gpu/overview",
+                          hint="Is it a gpuctl gateway of this version?")
     return body
 
 
