@@ -168,14 +168,14 @@ def _describe(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def _raise_validation(err: ValidationError, origin: str) -> None:
+def _raise_validation(err: ValidationError, origin: str, *, hint: str | None = None) -> None:
     problem = err.errors()[0]
     key = _describe(problem["loc"])
     got = problem.get("input")
     msg = problem["msg"]
     if problem["type"] == "extra_forbidden":
         raise ConfigError(f"{origin}: unknown key '{key}'") from None
-    raise ConfigError(f"{origin}: '{key}' {msg.lower()} (got {got!r})") from None
+    raise ConfigError(f"{origin}: '{key}' {msg.lower()} (got {got!r})", hint=hint) from None
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -282,7 +282,13 @@ def _coerce_for_toml(section: str, key: str, raw: str) -> Any:
     try:
         checked = model.model_validate({key: value})
     except ValidationError as err:
-        _raise_validation(err, f"{section}.{key}")
+        # The value typed was wrong, not the command: show a good one (the default).
+        default = model.model_fields[key].get_default(call_default_factory=True)
+        example = ",".join(default) if isinstance(default, list) else default
+        example = str(example).lower() if isinstance(example, bool) else example
+        _raise_validation(err, f"{section}.{key}",
+                          hint=f"For example `gpuctl config set {section}.{key} {example}` "
+                               "(the default).")
     return getattr(checked, key)
 
 

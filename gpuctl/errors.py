@@ -78,7 +78,9 @@ class CredentialsError(GpuctlError):
     http_status = 502
     default_hint = (
         "Run `gpuctl auth login`, or set GPUCTL_API_TOKEN. "
-        "Create a token in the SURF Research Cloud portal under Profile → API tokens."
+        "Create a token in the SURF Research Cloud portal under Profile → API tokens. "
+        "No account at hand? Try the simulated fleet: `gpuctl serve --demo`, then "
+        "`gpuctl discover --demo`."
     )
 
 

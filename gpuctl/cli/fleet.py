@@ -2,8 +2,8 @@
 
 No policy here: which GPU a name means, whether a resume is needed, when Ollama counts as
 ready, all of that is the engine's (``Engine.gpu``/``wake``/``pause``), exactly as for the
-gateway's admin routes. ``--demo`` on ``discover`` and ``status`` asks the running
-``gpuctl serve --demo`` instead (``cli/remote.py``) and prints its fleet the same way.
+gateway's admin routes. ``--demo`` asks the running ``gpuctl serve --demo`` instead
+(``cli/remote.py``, through the demo gateway's admin API) and prints the same way.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def discover(ctx: typer.Context, as_json: JsonOpt = False, demo: DemoOpt = False
         gpus = demo_gpus(_demo(app))
     else:
         gpus = run_sync(go())
-        _remember(app, gpus)
+    _remember(app, gpus)  # the demo's names complete too
     if not gpus and not as_json:
         flt = app.config.cloud_api.machine_name_filter
         message(app, f"No GPU workspaces match the filter {flt!r} (cloud_api.machine_name_filter)."
@@ -117,6 +117,8 @@ def status(
         endpoint = _demo(app)
         one = demo_gpu(endpoint, gpu) if gpu is not None else None
         gpus = demo_gpus(endpoint) if one is None else [one]
+        if one is None:
+            _remember(app, gpus)  # the demo's names complete too
     else:
         gpus, one = run_sync(go())
         _remember(app, gpus)
@@ -140,11 +142,20 @@ def resume(
         help="With --wait: give up after S seconds (default: the config's startup timeout "
              "plus Ollama readiness wait).")] = None,
     as_json: JsonOpt = False,
+    demo: Annotated[bool, typer.Option(
+        "--demo", help="Resume a GPU of the running `gpuctl serve --demo`.")] = False,
 ) -> None:
     """Resume a paused GPU. A running GPU is a success, not an error."""
     app = AppContext.of(ctx)
     if timeout is not None and not wait:
         raise typer.BadParameter("--timeout only makes sense with --wait", param_hint="--timeout")
+    if demo:
+        from gpuctl.cli.remote import demo_action
+
+        with _spinner(app, f"Resuming {gpu}", enabled=wait):
+            result = demo_action(_demo(app), gpu, "resume", wait=wait, timeout=timeout)
+        _report(app, result, as_json)
+        return
 
     async def go(progress: ProgressCallback | None) -> ActionResult:
         async with app.engine_session() as engine:
@@ -162,9 +173,18 @@ def pause(
     wait: Annotated[bool, typer.Option(
         "--wait", help="Return only once the cloud reports the GPU paused.")] = False,
     as_json: JsonOpt = False,
+    demo: Annotated[bool, typer.Option(
+        "--demo", help="Pause a GPU of the running `gpuctl serve --demo`.")] = False,
 ) -> None:
     """Pause a GPU (it stops costing credits). A paused GPU is a success, not an error."""
     app = AppContext.of(ctx)
+    if demo:
+        from gpuctl.cli.remote import demo_action
+
+        with _spinner(app, f"Pausing {gpu}", enabled=wait):
+            result = demo_action(_demo(app), gpu, "pause", wait=wait)
+        _report(app, result, as_json)
+        return
 
     async def go() -> ActionResult:
         async with app.engine_session() as engine:

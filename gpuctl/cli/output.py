@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from gpuctl.engine.api import GpuView
 
 __all__ = [
+    "duration",
     "emit_json",
     "gpu_detail_table",
     "gpu_table",
@@ -83,6 +84,7 @@ def gpu_table(gpus: Sequence[GpuView], *, with_models: bool) -> Table:
         table.add_column(column, no_wrap=True)
     if with_models:
         table.add_column("SLOTS", justify="right", no_wrap=True)
+        table.add_column("LEASES (left)", overflow="fold")
         table.add_column("MODELS (loaded*)", overflow="fold")
     else:
         table.add_column("ID", overflow="fold", style="dim")
@@ -90,11 +92,27 @@ def gpu_table(gpus: Sequence[GpuView], *, with_models: bool) -> Table:
         row = [gpu.name] + ([gpu.state.value] if with_models else [])
         row += [gpu.cloud_status, _text(gpu.ip), _text(gpu.size or gpu.flavor)]
         if with_models:
-            row += [f"{gpu.slots_in_use}/{gpu.slots}", _models(gpu.models, gpu.loaded)]
+            row += [f"{gpu.slots_in_use}/{gpu.slots}", _leases(gpu) or "-",
+                    _models(gpu.models, gpu.loaded)]
         else:
             row.append(gpu.id)
         table.add_row(*row)
     return table
+
+
+def duration(seconds: float) -> str:
+    """``15 s``, ``4 min``, ``1 h 5 min``: a lease of 15 s is not "0 min"."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min" + (f" {s % 60} s" if s % 60 and s < 600 else "")
+    return f"{s // 3600} h {(s % 3600) // 60} min"
+
+
+def _leases(gpu: GpuView) -> str:
+    return ", ".join(f"{lease.user} {duration(lease.expires_in_seconds)}"
+                     for lease in gpu.leases)
 
 
 def _models(models: Iterable[str], loaded: Iterable[str]) -> str:
@@ -116,7 +134,7 @@ def kv_table(rows: Iterable[tuple[str, str]]) -> Table:
 
 
 def gpu_detail_table(gpu: GpuView) -> Table:
-    leases = ", ".join(f"{lease.user} ({lease.expires_in_seconds / 60:.0f} min left)"
+    leases = ", ".join(f"{lease.user} ({duration(lease.expires_in_seconds)} left)"
                        for lease in gpu.leases)
     rows = [
         ("name", gpu.name),

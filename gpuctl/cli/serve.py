@@ -5,7 +5,7 @@ missing SURF token fails at once with exit 4 (never a prompt, never a half-start
 then the socket is bound (a port in use fails before the engine starts); then Hypercorn runs
 the app, whose ``before_serving`` starts the engine. SIGTERM or SIGINT stops accepting,
 lets streams in flight finish for up to ``GRACE_SECONDS``, stops the engine (which persists
-its state) and exits 0.
+its state) and exits 0 (SIGTERM) or 130 (SIGINT, Ctrl-C), as the exit-code table says.
 
 ``--demo`` serves the simulated fleet of ``gpuctl.sim.demo`` instead: no credentials are
 looked for and no state of the user's is opened (the demo has its own key store in a temp
@@ -60,13 +60,15 @@ def serve(
         app_ctx.overrides["server.port"] = port
     config = app_ctx.config
     if demo:
-        asyncio.run(_serve_demo(app_ctx, config))
-        return
-    cloud = app_ctx.cloud()  # missing credentials: CredentialsError, exit 4, before binding
-    asyncio.run(_serve_cloud(app_ctx, config, cloud))
+        received = asyncio.run(_serve_demo(app_ctx, config))
+    else:
+        cloud = app_ctx.cloud()  # missing credentials: CredentialsError, exit 4, before binding
+        received = asyncio.run(_serve_cloud(app_ctx, config, cloud))
+    if signal.SIGINT in received and signal.SIGTERM not in received:
+        raise typer.Exit(130)  # Ctrl-C, as the exit-code table says; SIGTERM is a clean 0
 
 
-async def _serve_demo(app_ctx: AppContext, config: Config) -> None:
+async def _serve_demo(app_ctx: AppContext, config: Config) -> list[signal.Signals]:
     from gpuctl.cli.output import message
     from gpuctl.cli.remote import DEMO_FILE, published_demo
     from gpuctl.gateway.app import create_app
@@ -77,7 +79,7 @@ async def _serve_demo(app_ctx: AppContext, config: Config) -> None:
 
     stop = asyncio.Event()
     # From the start: a SIGTERM right after the intro still stops cleanly (and exits 0).
-    with stop_on_signals(stop):
+    with stop_on_signals(stop) as received:
         sock = _bind(config.server.host, config.server.port)
         try:
             url = f"http://{_shown(sock, reachable=True)}"
@@ -89,9 +91,11 @@ async def _serve_demo(app_ctx: AppContext, config: Config) -> None:
                     await run_gateway(app, sock, shutdown=stop)
         finally:
             sock.close()
+    return received
 
 
-async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider) -> None:
+async def _serve_cloud(app_ctx: AppContext, config: Config,
+                       cloud: CloudProvider) -> list[signal.Signals]:
     from gpuctl.config import state_dir
     from gpuctl.gateway.app import create_app
     from gpuctl.store.keys import KeyStore
@@ -108,7 +112,7 @@ async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider
                 app_ctx.err.print(f"gpuctl gateway on http://{_shown(sock)} "
                                   f"(Ollama API, OpenAI API under /v1); Ctrl-C stops it",
                                   markup=False, highlight=False, soft_wrap=True)
-                await run_gateway(app, sock)
+                return await run_gateway(app, sock)
             finally:
                 sock.close()
         finally:
@@ -139,23 +143,30 @@ def _shown(sock: socket.socket, *, reachable: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    """While the block runs, SIGTERM and SIGINT set ``stop`` instead of killing the process."""
+def stop_on_signals(stop: asyncio.Event) -> Iterator[list[signal.Signals]]:
+    """While the block runs, SIGTERM and SIGINT set ``stop`` instead of killing the process;
+    the list it yields collects the signals received (Ctrl-C exits 130, SIGTERM 0)."""
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
+    received: list[signal.Signals] = []
+
+    def handler(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler, sig)
             installed.append(sig)
     try:
-        yield
+        yield received
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
 
 
 async def run_gateway(app: Any, sock: socket.socket, *,
-                      shutdown: asyncio.Event | None = None) -> None:
+                      shutdown: asyncio.Event | None = None) -> list[signal.Signals]:
     """Serve ``app`` on ``sock`` until SIGTERM/SIGINT, then drain and stop. A caller that
     passes ``shutdown`` owns the signals (see ``stop_on_signals``): serving ends when it is set.
 
@@ -166,8 +177,9 @@ async def run_gateway(app: Any, sock: socket.socket, *,
 
     if shutdown is None:
         stop = asyncio.Event()
-        with stop_on_signals(stop):
+        with stop_on_signals(stop) as received:
             await serve_front(app, sock, stop.wait, grace=GRACE_SECONDS,
                               max_body=app.gw.max_body)
-        return
+        return received
     await serve_front(app, sock, shutdown.wait, grace=GRACE_SECONDS, max_body=app.gw.max_body)
+    return []  # the caller owns the signals

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 import typer
 
 from gpuctl.cli.context import AppContext
+from gpuctl.cli.output import duration as _duration
 from gpuctl.errors import UsageError
 
 if TYPE_CHECKING:
@@ -82,15 +83,6 @@ def _terminal_keys() -> Iterator[Keys]:
 
 
 # -- the frame -----------------------------------------------------------------------------------
-
-
-def _duration(seconds: float) -> str:
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min" + (f" {s % 60} s" if s % 60 and s < 600 else "")
-    return f"{s // 3600} h {(s % 3600) // 60} min"
 
 
 def _state(gpu: GpuOverview, me: str) -> str:
