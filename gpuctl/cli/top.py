@@ -102,12 +102,13 @@ _STAGES = {"resuming": "cloud resuming", "running": "Ollama starting",
 
 def _detail(gpu: GpuOverview, me: str, now: float) -> str:
     action = gpu.action
-    if action is not None and action.kind == "resume":
+    shown = _state(gpu, me)
+    if action is not None and action.kind == "resume" and shown == "waking":
         about = (f" of ~{_duration(action.estimate_seconds)}"
                  if action.estimate_seconds is not None else "")
         stage = _STAGES.get(action.stage, "asking the cloud")
         return f"{stage}, {_duration(now - action.started_at)}{about}"
-    if action is not None:
+    if action is not None and shown == "pausing":
         return f"pausing for {_duration(now - action.started_at)}"
     parts = [f"{'you' if lease.user == me else lease.user} "
              f"{_duration(lease.expires_at - now)} left" for lease in gpu.leases]

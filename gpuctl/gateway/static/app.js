@@ -117,10 +117,10 @@
     const shown = shownState(gpu);
     const leasedToMe = gpu.leases.some((l) => l.user === me.name);
     const detail = [];
-    if (gpu.action && gpu.action.kind === "resume") {
+    if (gpu.action && gpu.action.kind === "resume" && shown === "waking") {
       detail.push(`waking: ${STAGES[gpu.action.stage] || "asking the cloud"} · `,
         ticking("wake", gpu.action.started_at, gpu.action.estimate_seconds ?? ""));
-    } else if (gpu.action && gpu.action.kind === "pause") {
+    } else if (gpu.action && gpu.action.kind === "pause" && shown === "pausing") {
       detail.push("pausing: ", ticking("since", gpu.action.started_at));
     } else if (gpu.state === "paused" && gpu.estimated_resume_seconds) {
       detail.push(`wakes in about ${duration(gpu.estimated_resume_seconds)}`);
