@@ -4,9 +4,9 @@ Each open page holds a server-sent-event stream. Rather than each stream polling
 one task takes ``engine.overview()`` every ``interval`` (a few hundred microseconds for a
 fleet of a dozen GPUs) and bumps ``version`` only when the snapshot changed; streams wait on
 that. Snapshots hold instants, not countdowns (``engine/overview.py``), so a quiet fleet
-pushes nothing. The watcher also keeps the recent GPU state changes (a timeline since the
-gateway started) for admins. It starts with the first page that asks, not with the gateway,
-so a gateway nobody looks at pays nothing.
+pushes nothing; usage is read once per change too. The watcher also keeps the recent GPU
+state changes (a timeline since the gateway started) for admins. It starts with the first
+page that asks, not with the gateway, so a gateway nobody looks at pays nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from gpuctl.engine.api import GpuState
 from gpuctl.engine.overview import FleetOverview
 from gpuctl.gateway.context import EngineFace
+from gpuctl.store.store import UsageTotals
 
 __all__ = ["FleetWatch", "StreamLimit", "TimelineEntry"]
 
@@ -45,6 +46,8 @@ class FleetWatch:
         self.max_streams = max_streams
         self.version = 0
         self.snapshot: FleetOverview | None = None
+        #: Usage per user as of the snapshot: read once per change, not once per open page.
+        self.usage: dict[str, UsageTotals] = {}
         self.timeline: deque[TimelineEntry] = deque(maxlen=timeline_size)
         self.streams = 0
         #: Bumped by ``drop_streams``: streams of an older generation end.
@@ -78,6 +81,7 @@ class FleetWatch:
                 self.timeline.append(TimelineEntry(at=snapshot.at, gpu=gpu.name,
                                                    state=gpu.state, previous=before))
         self.snapshot = snapshot
+        self.usage = self.engine.usage_totals()
         self._compare = compare
         self._bump()
 

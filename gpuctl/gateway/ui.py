@@ -71,7 +71,7 @@ class UiParts:
         self.watch = FleetWatch(gw.engine)
 
 
-def ui_parts(gw: Gateway) -> UiParts:
+def ui_parts() -> UiParts:
     """This gateway's sessions and watcher (``install`` made them)."""
     parts: UiParts = current_app.config["GPUCTL_UI"]
     return parts
@@ -132,7 +132,7 @@ def _who(key: ApiKey, session: Session) -> dict[str, Any]:
 
 
 def _signed_in() -> tuple[ApiKey, Session]:
-    found = ui_parts(gateway()).sessions.lookup(request.cookies.get(COOKIE))
+    found = ui_parts().sessions.lookup(request.cookies.get(COOKIE))
     if found is None:
         raise AuthError("not signed in", 401)
     return found
@@ -151,7 +151,7 @@ async def sign_in() -> Response:
     secret = body.get("key") if isinstance(body, dict) else None
     if not isinstance(secret, str) or not secret.strip():
         return json_response({"error": "send {\"key\": \"sk-...\"} as JSON"}, 400)
-    started = ui_parts(gateway()).sessions.sign_in(secret.strip())
+    started = ui_parts().sessions.sign_in(secret.strip())
     if started is None:
         return json_response({"error": "invalid or revoked API key"}, 401)
     token, key, session = started
@@ -165,7 +165,7 @@ async def sign_in() -> Response:
 async def session_info() -> Response:
     """Who is signed in; not signed in is a 200 too (the page asks on every load, and a
     401 there would be an error in the browser's console on every first visit)."""
-    found = ui_parts(gateway()).sessions.lookup(request.cookies.get(COOKIE))
+    found = ui_parts().sessions.lookup(request.cookies.get(COOKIE))
     if found is None:
         return json_response({"signed_in": False})
     return json_response(_who(*found))
@@ -175,7 +175,7 @@ async def session_info() -> Response:
 async def sign_out() -> Response:
     _, session = _signed_in()
     _require_csrf(session)
-    ui_parts(gateway()).sessions.sign_out(request.cookies.get(COOKIE))
+    ui_parts().sessions.sign_out(request.cookies.get(COOKIE))
     response = json_response({"signed_out": True})
     response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="Strict",
                            secure=request.scheme == "https")
@@ -190,16 +190,18 @@ def _require_csrf(session: Session) -> None:
 # -- what each caller sees ---------------------------------------------------------------------
 
 
-def page_state(gw: Gateway, watch: FleetWatch, key: ApiKey) -> dict[str, Any]:
+def page_state(watch: FleetWatch, key: ApiKey) -> dict[str, Any]:
     """The page's data for ``key``: the fleet, and only the usage and names it may see."""
-    snapshot = watch.snapshot if watch.snapshot is not None else gw.engine.overview()
-    fleet = snapshot.model_dump(mode="json")
+    if watch.snapshot is None:
+        watch.look()
+    assert watch.snapshot is not None
+    fleet = watch.snapshot.model_dump(mode="json")
     admin = key.is_admin
     if not admin:
         for line in fleet["queue"]:
             line["users"] = [u for u in line["users"] if u == key.name]
     usage = []
-    for user, totals in sorted(gw.engine.usage_totals().items()):
+    for user, totals in sorted(watch.usage.items()):
         if admin or user == key.name:
             usage.append({"user": user, "requests": totals.requests,
                           "tokens_in": totals.tokens_in, "tokens_out": totals.tokens_out,
@@ -215,10 +217,9 @@ def page_state(gw: Gateway, watch: FleetWatch, key: ApiKey) -> dict[str, Any]:
 @blueprint.route("/ui/state", methods=["GET"])
 async def state() -> Response:
     key, _ = _signed_in()
-    gw = gateway()
-    watch = ui_parts(gw).watch
+    watch = ui_parts().watch
     watch.ensure_running()
-    return json_response(page_state(gw, watch, key))
+    return json_response(page_state(watch, key))
 
 
 @blueprint.route("/gpu/overview", methods=["GET"])
@@ -226,9 +227,9 @@ async def overview() -> Response:
     """The page's data for a bearer key (``gpuctl top``); the app checked the key."""
     gw = gateway()
     key = gw.auth.check(request.headers.get("Authorization"))
-    watch = ui_parts(gw).watch
+    watch = ui_parts().watch
     watch.ensure_running()
-    return json_response(page_state(gw, watch, key))
+    return json_response(page_state(watch, key))
 
 
 @blueprint.route("/ui/events", methods=["GET"])
@@ -236,8 +237,7 @@ async def events() -> Response:
     """The live page: one ``state`` event now and one after each change, until the browser
     leaves, the session ends or the stream is dropped (the browser then reconnects)."""
     _signed_in()
-    gw = gateway()
-    parts = ui_parts(gw)
+    parts = ui_parts()
     watch = parts.watch
     watch.ensure_running()
     try:
@@ -261,7 +261,7 @@ async def events() -> Response:
                     return
                 if watch.version != sent:
                     sent = watch.version
-                    data = json.dumps(page_state(gw, watch, found[0]), separators=(",", ":"))
+                    data = json.dumps(page_state(watch, found[0]), separators=(",", ":"))
                     yield f"event: state\nid: {sent}\ndata: {data}\n\n".encode()
                 else:
                     yield b": keepalive\n\n"
@@ -290,7 +290,7 @@ async def _act(ref: str, action: str) -> Response:
         result = await gw.engine.wake(ref, wait=False)
     else:
         result = await gw.engine.pause(ref, wait=False)
-    ui_parts(gw).watch.look()  # the change shows at once, not at the next look
+    ui_parts().watch.look()  # the change shows at once, not at the next look
     return json_response({"success": result.success, "message": result.message,
                           "gpu": result.gpu.name, "state": result.gpu.state.value})
 
