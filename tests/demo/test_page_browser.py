@@ -208,3 +208,48 @@ async def test_a_wrong_key_is_refused_and_signing_out_ends_the_session(
         await tab.page.reload()
         await tab.see("#signin-panel:not([hidden])")
         assert tab.errors == []
+
+
+#: WCAG contrast of each text element against the background it sits on (enabled controls
+#: and text only: disabled buttons are exempt).
+CONTRAST = """() => {
+  const rgb = (c) => c.match(/[\\d.]+/g).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const background = (el) => {
+    for (let e = el; e; e = e.parentElement) {
+      const c = rgb(getComputedStyle(e).backgroundColor);
+      if (c.length < 4 || c[3] > 0) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const worst = [];
+  for (const el of document.querySelectorAll(
+      "h1, h2, h3, .badge, .detail, dt, dd, th, td, button:not([disabled]), .conn, #me")) {
+    if (!el.offsetParent && el.tagName !== "H1") continue;
+    const [a, b] = [lum(rgb(getComputedStyle(el).color)), lum(background(el))];
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    const what = `${el.tagName}.${el.className}: ${el.textContent.trim().slice(0, 30)}`;
+    worst.push([ratio, what]);
+  }
+  worst.sort((x, y) => x[0] - y[0]);
+  return worst.slice(0, 3);
+}"""
+
+
+async def test_the_page_has_enough_contrast_in_every_state(
+    start_demo: DemoFactory, browser: Browser,
+) -> None:
+    async with demo_with_tabs(start_demo, browser, reservation_minutes=5) as demo:
+        tab = await browser.open("contrast")
+        await tab.sign_in(demo.url, demo.fleet.key)
+        await demo.fleet.engine.wake("gpu-2")
+        await demo.ollama().chat(model="mistral", messages=[{"role": "user", "content": "Hi"}])
+        await tab.see(card("gpu-3", "ready"))
+        await tab.see(card("gpu-2", "ready"))
+        await demo.fleet.engine.pause("gpu-2")
+        await tab.see(card("gpu-2", "pausing"))
+        worst = await tab.page.evaluate(CONTRAST)
+        assert worst[0][0] >= 4.5, worst  # WCAG AA for normal text
