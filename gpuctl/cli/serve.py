@@ -175,11 +175,16 @@ async def run_gateway(app: Any, sock: socket.socket, *,
     """
     from gpuctl.gateway.front import serve_front
 
+    async def until(stop: asyncio.Event) -> None:
+        await stop.wait()
+        app.closing()  # open status pages would otherwise hold the drain for its grace
+
     if shutdown is None:
         stop = asyncio.Event()
         with stop_on_signals(stop) as received:
-            await serve_front(app, sock, stop.wait, grace=GRACE_SECONDS,
+            await serve_front(app, sock, lambda: until(stop), grace=GRACE_SECONDS,
                               max_body=app.gw.max_body)
         return received
-    await serve_front(app, sock, shutdown.wait, grace=GRACE_SECONDS, max_body=app.gw.max_body)
+    await serve_front(app, sock, lambda: until(shutdown), grace=GRACE_SECONDS,
+                      max_body=app.gw.max_body)
     return []  # the caller owns the signals

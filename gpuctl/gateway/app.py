@@ -53,6 +53,12 @@ class GatewayApp:
         # Quart types its ASGI arguments precisely; ours are the generic ASGI mappings.
         self._quart_asgi: Callable[[Scope, Receive, Send], Awaitable[None]] = cast(Any, quart)
 
+    def closing(self) -> None:
+        """Serving is about to stop (the server calls this as its drain begins): end what
+        would never end by itself, the status pages' live streams."""
+        parts: ui.UiParts = self.quart.config["GPUCTL_UI"]
+        parts.watch.close()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]

@@ -50,6 +50,7 @@ class FleetWatch:
         self.usage: dict[str, UsageTotals] = {}
         self.timeline: deque[TimelineEntry] = deque(maxlen=timeline_size)
         self.streams = 0
+        self.closing = False
         #: Bumped by ``drop_streams``: streams of an older generation end.
         self.generation = 0
         self._changed = asyncio.Event()
@@ -104,6 +105,8 @@ class FleetWatch:
 
     def open_stream(self) -> int:
         """Count a new stream in (``StreamLimit`` past ``max_streams``); its generation."""
+        if self.closing:
+            raise StreamLimit("the gateway is stopping")
         if self.streams >= self.max_streams:
             raise StreamLimit(f"{self.streams} status pages are open; the limit is "
                               f"{self.max_streams}")
@@ -117,3 +120,9 @@ class FleetWatch:
         """End every open stream (browsers reconnect): a restart's effect, for tests too."""
         self.generation += 1
         self._bump()
+
+    def close(self) -> None:
+        """Serving stops: end every stream now and open no more, so a page left open does not
+        hold the gateway's shutdown for its whole grace period."""
+        self.closing = True
+        self.drop_streams()
