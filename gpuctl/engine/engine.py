@@ -561,6 +561,10 @@ class Engine:
                         leases=self._leases, queue=self._queue, estimator=self._estimator,
                         serving=serving, estimate=estimate)
 
+    def requests(self, since: float, until: float) -> list[RequestRow]:
+        """The ledger's requests that arrived in ``[since, until)`` (wall-clock seconds)."""
+        return self.store.requests(since, until)
+
     def usage_totals(self) -> dict[str, UsageTotals]:
         """Each user's requests, tokens and GPU time, summed since the store began."""
         return self.store.usage()

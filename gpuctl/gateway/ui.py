@@ -29,6 +29,7 @@ from gpuctl.gateway.context import Gateway
 from gpuctl.gateway.fleetwatch import FleetWatch, StreamLimit
 from gpuctl.gateway.routes import gateway, json_response
 from gpuctl.gateway.sessions import COOKIE, Session, Sessions
+from gpuctl.gateway.usage_panel import UsagePanels
 from gpuctl.store.keys import ApiKey
 
 __all__ = ["KEEPALIVE_SECONDS", "MAX_SIGN_IN_BYTES", "STREAM_SECONDS", "UiParts", "blueprint",
@@ -69,6 +70,7 @@ class UiParts:
     def __init__(self, gw: Gateway) -> None:
         self.sessions = Sessions(gw.keys)
         self.watch = FleetWatch(gw.engine)
+        self.usage = UsagePanels(gw.engine)
 
 
 def ui_parts() -> UiParts:
@@ -220,6 +222,13 @@ async def state() -> Response:
     watch = ui_parts().watch
     watch.ensure_running()
     return json_response(page_state(watch, key))
+
+
+@blueprint.route("/ui/usage", methods=["GET"])
+async def usage() -> Response:
+    """Today, this month, your requests (and the admin chart), from the ledger."""
+    key, _ = _signed_in()
+    return json_response(await ui_parts().usage.for_key(key))
 
 
 @blueprint.route("/gpu/overview", methods=["GET"])

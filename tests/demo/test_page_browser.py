@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -148,15 +149,22 @@ async def test_a_user_sees_only_their_usage_and_an_admin_pauses_from_the_page(
         bob = await browser.open("user", viewport={"width": 390, "height": 844})
         await bob.sign_in(demo.url, bob_key)
         await bob.see(card("gpu-3", "ready", "[data-leased]"), "phone-user")
-        assert await bob.page.inner_text("#usage-title") == "Your usage"
+        await bob.see("#usage-title:has-text('Your usage today')")
         assert await bob.page.query_selector('#usage tr[data-user="demo"]') is None
         assert "No requests yet." in await bob.page.inner_text("#usage")
+        assert "No requests today." in await bob.page.inner_text("#requests")
+        assert await bob.page.is_hidden("#chart-panel")  # the chart shows every user: admins
         assert await bob.page.query_selector("button[data-action]") is None
         assert await bob.page.is_hidden("#timeline-panel")
 
         admin = await browser.open("admin")
         await admin.sign_in(demo.url, demo.fleet.key)
         await admin.see('#usage tr[data-user="demo"]')
+        request = await admin.see('#requests tr:has(td:has-text("mistral"))')
+        await admin.see('#requests td:has-text("gpu-3")')  # the GPU by name, not by id
+        assert "woke a GPU" in await request.inner_text()
+        bar = await admin.see('#chart rect[data-user="demo"]', "admin-chart")
+        assert await bar.get_attribute("data-day") == time.strftime("%Y-%m-%d", time.gmtime())
         pause = await admin.see('button[data-action="pause"][data-target="gpu-3"]:not([disabled])')
         await pause.focus()
         await admin.page.keyboard.press("Enter")

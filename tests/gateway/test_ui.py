@@ -234,3 +234,29 @@ def test_sessions_are_bounded_and_expire(tmp_path: object) -> None:
     assert sessions.lookup(third[0]) is None  # idle past its time
     assert sessions.sign_in("sk-wrong") is None
     keys.close()
+
+
+async def test_the_usage_panels_show_a_user_only_their_rows_and_requests(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world(GpuSpec("gpu-1", chunks=1)) as world:
+        _, bob_key = world.keys.create("bob")
+        for key in (world.user_key, bob_key, bob_key):
+            async with world.client(key) as c:
+                r = await c.post("/api/generate", json={"model": "llama3.2", "stream": False})
+                assert r.status_code == 200
+        await world.clock.advance(1)  # "today" ends now: let the requests lie in it
+        bob, _ = await signed_in(world, bob_key)
+        mine = (await bob.get("/ui/usage")).json()
+        assert [(r["user"], r["requests"]) for r in mine["today"]["rows"]] == [("bob", 2)]
+        assert [q["user"] for q in mine["requests"]] == ["bob", "bob"]
+        assert "days" not in mine  # the chart shows everyone: admins only
+        admin, _ = await signed_in(world, world.admin_key)
+        everyone = (await admin.get("/ui/usage")).json()
+        assert sorted(r["user"] for r in everyone["today"]["rows"]) == ["alice", "bob"]
+        assert len(everyone["days"]) == 14
+        today = everyone["days"][-1]
+        assert set(today["users"]) == {"alice", "bob"}
+        assert today["always_on_hours"] >= today["billed_hours"]
+        async with httpx.AsyncClient(base_url=world.url) as anonymous:
+            assert (await anonymous.get("/ui/usage")).status_code == 401

@@ -190,14 +190,6 @@
         el("td", {}, q.users.includes(me.name)
           ? `number ${q.users.indexOf(me.name) + 1} in line` : (me.admin ? q.users.join(", ") : "-")))),
       "Nobody is waiting."));
-    $("usage-title").textContent = me.admin ? "Usage by user" : "Your usage";
-    $("usage").replaceChildren(table(
-      [["user"], ["requests", "num"], ["tokens in", "num"], ["tokens out", "num"], ["GPU-hours", "num"]],
-      state.usage.map((u) => el("tr", { "data-user": u.user, class: u.user === me.name ? "you" : null },
-        el("td", {}, u.user), el("td", { class: "num" }, u.requests),
-        el("td", { class: "num" }, u.tokens_in), el("td", { class: "num" }, u.tokens_out),
-        el("td", { class: "num" }, u.gpu_hours.toFixed(3)))),
-      "No requests yet."));
     const timeline = state.timeline;
     $("timeline-panel").hidden = !timeline;
     if (timeline) {
@@ -210,6 +202,122 @@
     state = next;
     offset = next.fleet.at - Date.now() / 1000;
     render();
+    if (lastUsage) renderUsage(lastUsage); // GPU names for the requests table
+    usageSoon();
+  }
+
+  // -- usage, from the ledger (GET /ui/usage): on sign-in, a second after a change, each minute
+
+  let usageTimer = null;
+  let usagePending = null;
+
+  function usageSoon() {
+    if (!usagePending) usagePending = setTimeout(() => { usagePending = null; loadUsage(); }, 1000);
+  }
+
+  async function loadUsage() {
+    try {
+      const r = await api("GET", "/ui/usage");
+      if (r.ok && me) renderUsage(r.data);
+    } catch (e) { /* the gateway is away; the stream says so */ }
+  }
+
+  function fleetLine(report) {
+    const saved = report.always_on_hours > 0 ? `, ${Math.round(report.savings * 100)}% saved` : "";
+    return `The fleet billed ${report.billed_hours.toFixed(2)} GPU-hours of ` +
+      `${report.always_on_hours.toFixed(2)} always-on${saved}.`;
+  }
+
+  function usageTable(report) {
+    return table(
+      [["user"], ["requests", "num"], ["tokens in", "num"], ["tokens out", "num"],
+        ["GPU-hours", "num"], ["credits", "num"]],
+      report.rows.map((u) => el("tr", { "data-user": u.user, class: u.user === me.name ? "you" : null },
+        el("td", {}, u.user), el("td", { class: "num" }, u.requests),
+        el("td", { class: "num" }, u.tokens_in), el("td", { class: "num" }, u.tokens_out),
+        el("td", { class: "num" }, u.gpu_hours.toFixed(3)), el("td", { class: "num" }, u.credits.toFixed(2)))),
+      "No requests yet.");
+  }
+
+  let lastUsage = null;
+
+  function renderUsage(u) {
+    lastUsage = u;
+    $("usage-title").textContent = me.admin ? "Usage today, by user" : "Your usage today";
+    $("usage-fleet").textContent = fleetLine(u.today);
+    $("usage").replaceChildren(usageTable(u.today));
+    $("month-title").textContent = me.admin ? "This month, by user" : "Your usage this month";
+    $("month-fleet").textContent = fleetLine(u.month);
+    $("usage-month").replaceChildren(usageTable(u.month));
+    const names = {};
+    if (state) for (const g of state.fleet.gpus) names[g.id] = g.name;
+    $("requests-title").textContent = me.admin ? "Requests today" : "Your requests today";
+    $("requests").replaceChildren(table(
+      [["time"], ["user"], ["model"], ["GPU"], ["waited", "num"], ["served", "num"], ["tokens", "num"], ["outcome"]],
+      u.requests.map((q) => el("tr", {},
+        el("td", {}, clock(q.at)), el("td", {}, q.user === me.name ? "you" : q.user), el("td", {}, q.model),
+        el("td", {}, names[q.gpu] || q.gpu || "-"),
+        el("td", { class: "num" }, `${duration(q.queued_s)}${q.cold ? " (woke a GPU)" : ""}`),
+        el("td", { class: "num" }, duration(q.service_s)), el("td", { class: "num" }, q.tokens_out),
+        el("td", {}, q.outcome))),
+      "No requests today."));
+    $("chart-panel").hidden = !u.days;
+    if (u.days) chart(u.days);
+  }
+
+  const PALETTE = ["#0b5cad", "#b35c00", "#1b7f3b", "#7b3fa0", "#a4161a", "#00707a", "#6b5b00", "#c2185b"];
+  const SVG = "http://www.w3.org/2000/svg";
+
+  function svg(tag, attrs, ...children) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+    for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    return node;
+  }
+
+  function chart(days) {
+    const users = [...new Set(days.flatMap((d) => Object.keys(d.users)))].sort();
+    const color = (user) => PALETTE[users.indexOf(user) % PALETTE.length];
+    const W = 700, H = 240, left = 36, bottom = 22, top = 10;
+    const top_ = Math.max(0.01, ...days.map((d) => Math.max(d.always_on_hours, d.billed_hours)));
+    const y = (h) => top + (H - top - bottom) * (1 - h / top_);
+    const slot = (W - left) / days.length;
+    const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img",
+      "aria-label": `GPU-hours per day for the last ${days.length} days, by user, against the always-on line` });
+    for (const frac of [0, 0.5, 1]) {
+      root.append(svg("text", { x: 2, y: y(top_ * frac) + 4 }, (top_ * frac).toFixed(1)));
+    }
+    days.forEach((d, i) => {
+      const x = left + i * slot + slot * 0.15;
+      let base = 0;
+      for (const user of users) {
+        const h = d.users[user] || 0;
+        if (h <= 0) continue;
+        root.append(svg("rect", { x, y: y(base + h), width: slot * 0.7, height: y(base) - y(base + h),
+          fill: color(user), "data-user": user, "data-day": d.day },
+          svg("title", {}, `${d.day} ${user}: ${h.toFixed(2)} GPU-h`)));
+        base += h;
+      }
+      const rest = d.billed_hours - base;
+      if (rest > 0.0005) {
+        root.append(svg("rect", { x, y: y(base + rest), width: slot * 0.7, height: y(base) - y(base + rest),
+          fill: "#9aa3ae" }, svg("title", {}, `${d.day} unattributed: ${rest.toFixed(2)} GPU-h`)));
+      }
+      if (i % 2 === days.length % 2 || days.length <= 7) {
+        root.append(svg("text", { x: x, y: H - 6 }, d.day.slice(5)));
+      }
+    });
+    const points = days.map((d, i) => `${left + (i + 0.5) * slot},${y(d.always_on_hours)}`).join(" ");
+    root.append(svg("polyline", { points, class: "always-on" },
+      svg("title", {}, "always on: what the fleet would have billed never pausing")));
+    $("chart").replaceChildren(root);
+    $("chart-legend").replaceChildren(...users.map((u) => el("li", {},
+      el("span", { class: "swatch", style: null, "data-color": color(u) }), u)),
+      el("li", {}, el("span", { class: "swatch", "data-color": "#9aa3ae" }), "unattributed"),
+      el("li", {}, "- - always on"));
+    for (const swatch of $("chart-legend").querySelectorAll(".swatch")) {
+      swatch.style.background = swatch.dataset.color; // CSSOM, allowed by the page's CSP
+    }
   }
 
   // -- the live stream -----------------------------------------------------------------------
@@ -257,11 +365,15 @@
     $("signin-panel").hidden = true;
     $("fleet-panel").hidden = false;
     connect();
+    loadUsage();
+    clearInterval(usageTimer);
+    usageTimer = setInterval(loadUsage, 60000);
   }
 
   function signedOut(message) {
     if (source) { source.close(); source = null; }
-    me = null; csrf = null; state = null;
+    clearInterval(usageTimer);
+    me = null; csrf = null; state = null; lastUsage = null;
     $("who").hidden = true;
     $("conn").hidden = true;
     $("fleet-panel").hidden = true;
