@@ -224,8 +224,9 @@
 
   function fleetLine(report) {
     const saved = report.always_on_hours > 0 ? `, ${Math.round(report.savings * 100)}% saved` : "";
-    return `The fleet billed ${report.billed_hours.toFixed(2)} GPU-hours of ` +
-      `${report.always_on_hours.toFixed(2)} always-on${saved}.`;
+    const hours = (h) => h.toFixed(h < 10 ? 3 : 1);
+    return `The fleet billed ${hours(report.billed_hours)} GPU-hours of ` +
+      `${hours(report.always_on_hours)} always-on${saved}.`;
   }
 
   function usageTable(report) {
