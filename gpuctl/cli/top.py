@@ -166,7 +166,9 @@ def frame(state: dict[str, Any], *, now: float, source: str) -> RenderableType:
     for row in state.get("usage") or []:
         usage.add_row(str(row["user"]), str(row["requests"]), str(row["tokens_in"]),
                       str(row["tokens_out"]), f"{row['gpu_hours']:.2f}")
-    parts += [Text(""), usage if usage.row_count else Text("No requests yet.", style="dim")]
+    parts += [Text(""), Text("Usage since the gateway's store began (the page has today's):",
+                             style="dim", no_wrap=True, overflow="ellipsis"),
+              usage if usage.row_count else Text("No requests yet.", style="dim")]
     return Group(*parts)
 
 
