@@ -82,9 +82,12 @@ class Actions:
         clock = self.clock
         with self._recorded(gpu, flight, adopt=adopt, failure=WakeFailed):
             try:
+                begun = flight.started
                 if gpu.pausing is not None and gpu.pausing.task is not None:
-                    # SURF refuses a resume while pausing: let the pause land first.
+                    # SURF refuses a resume while pausing: let the pause land first, and
+                    # time the resume from there (the pause is not what resumes take).
                     await asyncio.gather(asyncio.shield(gpu.pausing.task), return_exceptions=True)
+                    begun = clock.now()
                 resumed = await self._until_running(gpu, flight, adopt=adopt)
                 self.hooks.stage(gpu, flight, "running")
                 deadline = clock.now() + timing.ollama_readiness_wait_seconds
@@ -97,7 +100,7 @@ class Actions:
                             "(timing.ollama_readiness_wait_seconds)"
                         )
                     await clock.sleep(min(NODE_POLL_SECONDS, remaining))
-                elapsed = clock.now() - flight.started
+                elapsed = clock.now() - begun
                 if resumed:  # a GPU found running says nothing about how long resumes take
                     self.store.record_resume(gpu.id, elapsed, ok=True, at=clock.wall())
                     self.estimator.record_resume(gpu.id, elapsed, ok=True)
@@ -209,6 +212,7 @@ class Actions:
             if not flight.accepted.done():
                 flight.accepted.set_result(None)
             deadline = flight.started + self.config.timing.startup_timeout_seconds
+            asked = ws.status != "paused"
             while self.hooks.apply_workspace(gpu, ws) and ws.status != "paused":
                 remaining = deadline - clock.now()
                 if remaining <= 0:
@@ -221,6 +225,9 @@ class Actions:
                     ws = await self._read(gpu, ws, "pausing")
                 except WakeFailed:
                     break
+            if asked and ws.status == "paused" and not adopt:
+                # Learnt so a request can tell when a pausing GPU could be up again.
+                self.estimator.record_pause(gpu.id, clock.now() - flight.started)
 
     @contextlib.contextmanager
     def _recorded(

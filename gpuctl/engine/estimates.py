@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Mapping
 
-__all__ = ["DEFAULT_LOAD_SECONDS", "DEFAULT_RESUME_SECONDS", "DEFAULT_SERVICE_SECONDS",
-           "Estimator"]
+__all__ = ["DEFAULT_LOAD_SECONDS", "DEFAULT_PAUSE_SECONDS", "DEFAULT_RESUME_SECONDS",
+           "DEFAULT_SERVICE_SECONDS", "Estimator"]
 
 DEFAULT_RESUME_SECONDS = 180.0
+DEFAULT_PAUSE_SECONDS = 60.0
 DEFAULT_LOAD_SECONDS = 15.0
 DEFAULT_SERVICE_SECONDS = 20.0
 _KEEP = 20
@@ -37,6 +38,7 @@ class Estimator:
         }
         self._service: dict[str, float] = {}
         self._service_all: float | None = None
+        self._pauses: dict[str, deque[float]] = {}
 
     def record_resume(self, gpu_id: str, seconds: float, *, ok: bool) -> None:
         if ok:
@@ -44,6 +46,18 @@ class Estimator:
             self._failures[gpu_id] = 0
         else:
             self._failures[gpu_id] = self._failures.get(gpu_id, 0) + 1
+
+    def record_pause(self, gpu_id: str, seconds: float) -> None:
+        """A pause of ``gpu_id`` took ``seconds`` from asking to the cloud saying paused."""
+        self._pauses.setdefault(gpu_id, deque(maxlen=_KEEP)).append(seconds)
+
+    def pause_seconds(self, gpu_id: str) -> float:
+        """Expected seconds from asking for a pause to the cloud saying paused."""
+        own = self._pauses.get(gpu_id)
+        if own:
+            return sum(own) / len(own)
+        every = [s for times in self._pauses.values() for s in times]
+        return sum(every) / len(every) if every else DEFAULT_PAUSE_SECONDS
 
     def record_load(self, model: str, seconds: float) -> None:
         self._loads.setdefault(model, deque(maxlen=_KEEP)).append(seconds)

@@ -116,12 +116,14 @@ class Waker:
     def candidates(self, model: str, tried: set[str]) -> list[Gpu]:
         """GPUs that could be woken for ``model``, best first.
 
-        Ones already waking first (joining costs nothing), then the ones that had the model
-        when last seen, then — only if no GPU is known to have it — the ones never seen awake.
-        Within a tier: fewer recent failures, then the fastest past resumer.
+        The ones that had the model when last seen, then — only if no GPU is known to have
+        it — the ones never seen awake. Within a tier: fewer recent failures, then the one
+        expected up soonest (``ready_in``): a wake under way is joined when it lands first
+        (joining costs nothing), and a GPU still pausing counts the pause it must finish,
+        so its paused twin goes first.
         """
         known = self._catalog.known(model)
-        ranked: list[tuple[tuple[int, int, int, float, str], Gpu]] = []
+        ranked: list[tuple[tuple[int, int, float, int, str], Gpu]] = []
         for gpu in self._gpus.values():
             if gpu.id in tried or gpu.state.ready:
                 continue
@@ -137,9 +139,9 @@ class Waker:
                 continue
             rank = (
                 tier,
-                0 if gpu.waking is not None else 1,
                 self._estimator.recent_failures(gpu.id),
-                self._estimator.resume_seconds(gpu.id),
+                self.ready_in(gpu),
+                0 if gpu.waking is not None else 1,
                 gpu.name,
             )
             ranked.append((rank, gpu))
@@ -153,6 +155,20 @@ class Waker:
             if gpu is not None and gpu.waking is not None and model in gpu.waking.models:
                 return gpu.id
         return None
+
+    def ready_in(self, gpu: Gpu) -> float:
+        """Seconds, about, until ``gpu`` could serve if woken now: what is left of a pause
+        under way, then a resume (or what is left of the resume under way)."""
+        now = self._clock.now()
+        estimator = self._estimator
+        pause_left = 0.0
+        if gpu.pausing is not None:
+            pause_left = max(0.0, estimator.pause_seconds(gpu.id) - (now - gpu.pausing.started))
+        elif gpu.state is GpuState.PAUSING:  # paused by someone else: its start is unknown
+            pause_left = estimator.pause_seconds(gpu.id)
+        if gpu.waking is not None and not pause_left:
+            return max(0.0, estimator.resume_seconds(gpu.id) - (now - gpu.waking.started))
+        return pause_left + estimator.resume_seconds(gpu.id)
 
     def resume_left(self, model: str) -> float:
         """Seconds, about, until the wake under way (or the best one to begin) for ``model``

@@ -276,3 +276,30 @@ async def test_an_admin_pause_says_when_requests_are_in_flight(fleet: Fleet) -> 
     await fleet.until(again.done)
     assert fleet.cloud.total_pauses == 1
     assert engine.gpu("gpu-a").state is GpuState.PAUSED
+
+
+async def test_a_paused_twin_is_woken_before_a_gpu_still_pausing(fleet: Fleet) -> None:
+    """A pausing GPU must first finish its pause: its twin, already paused, is up sooner."""
+    fleet.cloud.add("gpu-a", status="running")
+    fleet.cloud.add("gpu-b", models=["llama3.2:latest"])
+    fleet.store.save_models(fleet.cloud.find("gpu-b").id,
+                            [{"name": "llama3.2:latest", "model": "llama3.2:latest"}], 0)
+    engine = await fleet.start()
+    await fleet.advance(610)  # gpu-a's grace runs out: it starts pausing (60 s)
+    assert engine.gpu("gpu-a").state is GpuState.PAUSING
+    task = fleet.spawn(engine.acquire("llama3.2", "alice"))
+    waited = await fleet.until(task.done)
+    assert task.result().gpu_name == "gpu-b"
+    assert fleet.cloud.resume_calls == {fleet.cloud.find("gpu-b").id: 1}
+    assert waited <= 130  # a resume (120 s) and Ollama's start (5 s), not the pause too
+
+
+async def test_a_resume_that_waited_for_a_pause_learns_only_the_resume(fleet: Fleet) -> None:
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    await fleet.advance(610)
+    assert engine.gpu("gpu-a").state is GpuState.PAUSING
+    task = fleet.spawn(engine.acquire("llama3.2", "alice"))
+    await fleet.until(task.done)
+    [(seconds, ok)] = fleet.store.resume_history()[fleet.cloud.find("gpu-a").id]
+    assert ok and seconds <= 130
