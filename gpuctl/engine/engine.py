@@ -395,13 +395,7 @@ class Engine:
                request: RequestRow | None = None) -> Ticket:
         gpu = choice.gpu
         now = self.clock.now()
-        held = self._leases.holders(gpu.id).get(user)
-        if held is not None:
-            seconds = held.seconds
-        elif self._leases.leased(gpu.id):
-            seconds = self.config.timing.fallback_reservation_minutes * 60.0
-        else:
-            seconds = reservation_seconds(self.config)
+        seconds = self._lease_seconds(gpu, user)
         self._leases.hold(gpu.id, user, now + seconds, seconds)
         gpu.in_use += 1
         self._roster.refile(gpu)
@@ -418,6 +412,20 @@ class Engine:
             reason=choice.reason,
             waited_seconds=waited,
         )
+
+    def _lease_seconds(self, gpu: Gpu, user: str) -> float:
+        """How long ``user``'s lease on ``gpu`` lasts after this request.
+
+        A newcomer to a GPU someone else holds gets the fallback lease, and keeps what it
+        has while they do; once nobody else holds the GPU it is a full lease again. Weighed
+        at every grant and release, so a fallback lease never sticks.
+        """
+        if not self._leases.leased_to_other(gpu.id, user):
+            return reservation_seconds(self.config)
+        held = self._leases.holders(gpu.id).get(user)
+        if held is not None:
+            return held.seconds
+        return self.config.timing.fallback_reservation_minutes * 60.0
 
     def release(
         self, ticket: Ticket, usage: Usage | None = None, *, failed: str | None = None
@@ -450,7 +458,8 @@ class Engine:
         gpu.in_use -= 1
         if self._gpus.get(gpu.id) is not gpu:
             return  # the GPU left the fleet while this request ran
-        self._leases.hold(gpu.id, grant.user, now + grant.lease_seconds, grant.lease_seconds)
+        seconds = self._lease_seconds(gpu, grant.user)
+        self._leases.hold(gpu.id, grant.user, now + seconds, seconds)
         if failed is None:
             self._estimator.record_service(grant.model, held)
             if usage is not None and usage.load_seconds and usage.load_seconds >= LOAD_SECONDS:

@@ -80,6 +80,23 @@ class LeaseBook:
         self.version += 1
         return lease
 
+    def promote(self, gpu_id: str, seconds: float) -> bool:
+        """Lengthen the lease of a GPU's one remaining holder to ``seconds`` after their last
+        request: a fallback lease, given because someone else held the GPU, becomes a full
+        lease once nobody else does. True when a lease changed."""
+        holders = self._by_gpu.get(gpu_id)
+        if not holders or len(holders) > 1:
+            return False
+        (lease,) = holders.values()
+        if lease.seconds >= seconds:
+            return False
+        # ``expires - seconds`` is the holder's last request; the heap entry is re-filed
+        # lazily by ``expire`` like any renewal.
+        lease.expires += seconds - lease.seconds
+        lease.seconds = seconds
+        self.version += 1
+        return True
+
     def expire(self, now: float) -> set[str]:
         """Drop leases that ran out by ``now``; returns the GPUs that lost one."""
         changed: set[str] = set()

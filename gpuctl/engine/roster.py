@@ -4,7 +4,8 @@ A GPU's state is derived (``fleet.derive_state``) from its cloud status, its nod
 probe, its slots in use and our own actions in flight on it. Whoever changes one of those
 calls ``refile``, which recomputes the state and moves the GPU to its place in the router's
 index and in the catalog's count of ready GPUs per model; ``expire`` does the same for the
-GPUs whose leases ran out (a lease moves a GPU to another router bucket). Discovery is the
+GPUs whose leases ran out (a lease moves a GPU to another router bucket), and gives a
+remaining holder's fallback lease its full length once nobody else holds the GPU. Discovery is the
 only part that adds GPUs and drops them; everything else reads ``gpus``.
 """
 
@@ -15,7 +16,7 @@ from gpuctl.engine.api import GpuState
 from gpuctl.engine.catalog import ModelCatalog
 from gpuctl.engine.clock import Clock
 from gpuctl.engine.fleet import Gpu, derive_state
-from gpuctl.engine.leases import LeaseBook
+from gpuctl.engine.leases import LeaseBook, reservation_seconds
 from gpuctl.engine.ledger import Ledger
 from gpuctl.engine.router import RouteIndex
 
@@ -73,7 +74,9 @@ class Roster:
         next_expiry = self._leases.next_expiry()
         if next_expiry is None or next_expiry > now:
             return
+        full = reservation_seconds(self._config)
         for gpu_id in self._leases.expire(now):
+            self._leases.promote(gpu_id, full)
             gpu = self.gpus.get(gpu_id)
             if gpu is not None:
                 self.refile(gpu)

@@ -133,3 +133,24 @@ async def test_a_request_for_a_pausing_gpu_waits_for_the_pause_then_resumes(
     assert task.result().gpu_name == "gpu-a"
     assert fleet.cloud.total_pauses == 1
     assert fleet.cloud.total_resumes == 1
+
+
+async def test_a_fallback_lease_becomes_a_full_lease_once_nobody_else_holds_the_gpu(
+    fleet: Fleet,
+) -> None:
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    engine.release(await engine.acquire("llama3.2", "alice"))
+    engine.release(await engine.acquire("llama3.2", "bob"))
+    assert lease_of(engine, "gpu-a", "bob") == pytest.approx(180)
+    await fleet.advance(500)
+    engine.release(await engine.acquire("llama3.2", "bob"))  # alice still holds it
+    assert lease_of(engine, "gpu-a", "bob") == pytest.approx(180)
+    await fleet.advance(110)  # alice's lease ran out at 600 s
+    assert [lease.user for lease in engine.gpu("gpu-a").leases] == ["bob"]
+    # bob's lease now runs the full reservation from his last request, 110 s ago.
+    assert lease_of(engine, "gpu-a", "bob") == pytest.approx(600 - 110)
+    engine.release(await engine.acquire("llama3.2", "bob"))
+    assert lease_of(engine, "gpu-a", "bob") == pytest.approx(600)
+    await fleet.advance(590)
+    assert fleet.cloud.total_pauses == 0  # the GPU stays up for bob's full lease
