@@ -23,6 +23,7 @@ from gpuctl.engine.clock import Clock
 from gpuctl.engine.estimates import Estimator
 from gpuctl.engine.fleet import ERROR_STATUSES, Flight, Gpu, WakeStage
 from gpuctl.engine.ledger import Ledger
+from gpuctl.engine.polling import cloud_poll_seconds, node_poll_seconds
 from gpuctl.errors import ActionRefused, CloudError, GpuctlError, GpuNotFound, WakeFailed
 from gpuctl.store import Store
 
@@ -30,7 +31,8 @@ __all__ = ["CLOUD_POLL_SECONDS", "NODE_POLL_SECONDS", "Actions", "FleetHooks"]
 
 log = logging.getLogger(__name__)
 
-#: Longest pause between two looks at the cloud while an action runs.
+#: Longest pause between two looks at the cloud while a pause runs (a resume's pace is
+#: ``polling.cloud_poll_seconds``: a held request waits on it).
 CLOUD_POLL_SECONDS = 5.0
 #: Longest pause between two readiness probes of a node that is starting.
 NODE_POLL_SECONDS = 2.0
@@ -90,7 +92,8 @@ class Actions:
                     begun = clock.now()
                 resumed = await self._until_running(gpu, flight, adopt=adopt)
                 self.hooks.stage(gpu, flight, "running")
-                deadline = clock.now() + timing.ollama_readiness_wait_seconds
+                running_at = clock.now()
+                deadline = running_at + timing.ollama_readiness_wait_seconds
                 while not await self.hooks.probe(gpu):
                     remaining = deadline - clock.now()
                     if remaining <= 0:
@@ -99,7 +102,9 @@ class Actions:
                             f"{timing.ollama_readiness_wait_seconds:g} s of the GPU running "
                             "(timing.ollama_readiness_wait_seconds)"
                         )
-                    await clock.sleep(min(NODE_POLL_SECONDS, remaining))
+                    await clock.sleep(
+                        min(node_poll_seconds(clock.now() - running_at), remaining)
+                    )
                 elapsed = clock.now() - begun
                 if resumed:  # a GPU found running says nothing about how long resumes take
                     self.store.record_resume(gpu.id, elapsed, ok=True, at=clock.wall())
@@ -163,7 +168,9 @@ class Actions:
                     f"{gpu.name} was still '{status}' after "
                     f"{timing.startup_timeout_seconds:g} s (timing.startup_timeout_seconds)"
                 )
-            await clock.sleep(min(CLOUD_POLL_SECONDS, timing.poll_interval_seconds, remaining))
+            since = clock.now() - (flight.started if asked_at is None else asked_at)
+            pace = cloud_poll_seconds(since, self.estimator.resume_seconds(gpu.id))
+            await clock.sleep(min(pace, timing.poll_interval_seconds, remaining))
             ws = await self._read(gpu, ws, "resuming")
 
     async def _ask_resume(self, gpu: Gpu, flight: Flight) -> Workspace:
