@@ -23,6 +23,7 @@ from gpuctl.cli import auth, config_cmd, fleet, keys
 from gpuctl.cli.completion import COMPLETE_VAR, completion
 from gpuctl.cli.context import AppContext
 from gpuctl.cli.serve import serve
+from gpuctl.cli.simulate import simulate
 from gpuctl.cli.top import top
 from gpuctl.cli.usage import usage
 from gpuctl.errors import GpuctlError
@@ -133,6 +134,7 @@ app.command("completion")(completion)
 app.command("serve")(serve)
 app.command("usage")(usage)
 app.command("top")(top)
+app.command("simulate")(simulate)
 
 
 def run() -> None:

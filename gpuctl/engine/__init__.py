@@ -13,7 +13,7 @@ from gpuctl.engine.api import (
     Ticket,
     Usage,
 )
-from gpuctl.engine.clock import Clock, FakeClock, SystemClock
+from gpuctl.engine.clock import Clock, FakeClock, SystemClock, VirtualClock
 from gpuctl.engine.engine import Engine, NodeFactory
 
 __all__ = [
@@ -33,4 +33,5 @@ __all__ = [
     "SystemClock",
     "Ticket",
     "Usage",
+    "VirtualClock",
 ]

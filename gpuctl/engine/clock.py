@@ -3,6 +3,9 @@
 All waiting in the engine goes through a ``Clock``: ``sleep`` and ``timeout``. ``SystemClock``
 is the real one; ``FakeClock`` only moves when a test calls ``advance``, waking the sleepers
 whose deadline has come, in deadline order, and letting the event loop run between them.
+``VirtualClock`` is for replays (``gpuctl simulate``): its time jumps straight to the next
+sleeper's deadline as soon as nothing on the event loop can run, so a day of fleet life costs
+only the work done in it, not a fixed number of loop rounds per step.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from collections.abc import Awaitable
 from typing import Protocol, TypeVar
 
-__all__ = ["Clock", "FakeClock", "SystemClock", "wait_with_timeout"]
+__all__ = ["Clock", "FakeClock", "SystemClock", "VirtualClock", "wait_with_timeout"]
 
 T = TypeVar("T")
 
@@ -99,6 +102,64 @@ class FakeClock:
             await self.settle()
             if self._now >= target:
                 return
+
+
+class VirtualClock:
+    """Discrete-event time: ``run_until`` moves to each deadline once the loop is quiet.
+
+    "Quiet" means the event loop's ready queue holds nothing but the driver itself: every
+    task woken at this instant has run until it waits on something. That is read from the
+    loop's ready queue (``_ready``, a private attribute every CPython loop since 3.4 has);
+    a loop without one gets ``FakeClock``'s fixed rounds instead. Only for code that does no
+    real I/O: a socket's readiness is never waited for.
+    """
+
+    def __init__(self, start: float = 0.0, wall_start: float = 1_800_000_000.0) -> None:
+        self._now = start
+        self._wall_offset = wall_start - start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self._now
+
+    def wall(self) -> float:
+        return self._now + self._wall_offset
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), fut))
+        await fut
+
+    async def quiet(self) -> None:
+        """Return once every task runnable at this instant has run."""
+        ready = getattr(asyncio.get_running_loop(), "_ready", None)
+        await asyncio.sleep(0)
+        if ready is None:
+            for _ in range(50):
+                await asyncio.sleep(0)
+            return
+        while ready:  # noqa: ASYNC110 - nothing to wait on: this *is* the scheduler's idle test
+            await asyncio.sleep(0)
+
+    async def run_until(self, deadline: float) -> None:
+        """Move time to ``deadline``, waking every sleeper due on the way in order."""
+        heap = self._sleepers
+        while True:
+            await self.quiet()
+            while heap and heap[0][2].done():  # cancelled sleeps
+                heapq.heappop(heap)
+            if not heap or heap[0][0] > deadline:
+                self._now = max(self._now, deadline)
+                return
+            self._now = max(self._now, heap[0][0])
+            while heap and heap[0][0] <= self._now:
+                _, _, fut = heapq.heappop(heap)
+                if not fut.done():
+                    fut.set_result(None)
 
 
 async def wait_with_timeout(clock: Clock, awaitable: Awaitable[T], timeout: float | None) -> T:

@@ -1,0 +1,165 @@
+"""``gpuctl simulate``: what other settings would have cost, and made people wait.
+
+Parses the flags, picks the workload and the fleet, hands them to ``sim.study.run_study``
+(which replays through the real engine) and renders the verdict. No policy here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from gpuctl.cli.context import AppContext, run_sync
+from gpuctl.cli.output import emit_json
+from gpuctl.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from gpuctl.sim.replay import FleetSpec
+    from gpuctl.sim.study import StudyResult
+    from gpuctl.sim.workload import Request
+
+__all__ = ["simulate"]
+
+
+def simulate(
+    ctx: typer.Context,
+    trace: Annotated[Path | None, typer.Option(
+        "--trace", metavar="FILE", dir_okay=False,
+        help="CSV of requests: arrival_s,user,model,service_s[,tokens_out].")] = None,
+    sample: Annotated[bool, typer.Option(
+        "--sample", help="A built-in synthetic week of a 12-person group (see the README).")
+    ] = False,
+    shape: Annotated[str, typer.Option(
+        "--shape", help="With --sample: 'group' (the default week) or 'deadline' (a week "
+                        "before a deadline).")] = "group",
+    seed: Annotated[int, typer.Option("--seed", help="With --sample: which week to draw.")] = 1,
+    sets: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=V1,V2",
+        help="A config key and the values to try; several --set make a grid.")] = None,
+    policy: Annotated[str | None, typer.Option(
+        "--policy", metavar="P1,P2", help="Pause policies to try: fixed, adaptive.")] = None,
+    gpus: Annotated[int | None, typer.Option(
+        "--gpus", min=1, max=64, help="What if the fleet had N identical GPUs.")] = None,
+    resume_s: Annotated[float | None, typer.Option(
+        "--resume-s", min=1, max=3600, help="What if a resume took S seconds.")] = None,
+    pause_s: Annotated[float | None, typer.Option(
+        "--pause-s", min=1, max=3600, help="What if a pause took S seconds.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Replay a workload under other settings: GPU-hours, waits, the best trade-off."""
+    from gpuctl.sim.study import parse_sets, run_study, settings_grid
+
+    app = AppContext.of(ctx)
+    config = app.config
+    policies = [p.strip() for p in (policy or "").split(",") if p.strip()]
+    grid = settings_grid(parse_sets(sets or []), policies)
+    requests, history, source, notes = _workload(trace, sample, shape, seed)
+    fleet, fleet_note = _fleet(app, requests, sample=sample, gpus=gpus, resume_s=resume_s,
+                               pause_s=pause_s)
+    notes.append(fleet_note)
+    cost = getattr(config, "cost", None)
+    rate = getattr(cost, "credits_per_gpu_hour", None)
+    if not as_json:
+        app.err.print(f"replaying {len(requests):,} requests under {len(grid) or 1} "
+                      "setting(s)…", highlight=False)
+    result = run_sync(run_study(config, requests, fleet, grid, source=source, history=history,
+                                notes=notes, credits_per_gpu_hour=rate))
+    if as_json:
+        emit_json(result)
+        return
+    app.out.print(_table(result))
+    for note in result.notes:
+        app.out.print(f"  {note}", highlight=False, markup=False)
+    app.out.print(result.verdict, highlight=False, markup=False)
+
+
+def _workload(
+    trace: Path | None, sample: bool, shape: str, seed: int
+) -> tuple[list[Request], list[Request], str, list[str]]:
+    from gpuctl.sim.workload import read_trace, synthetic_week
+
+    if (trace is None) == (not sample):
+        raise UsageError(
+            "give one workload: --trace FILE or --sample",
+            hint="Reading the request log (--since) waits for the ledger to land.",
+        )
+    if trace is not None:
+        requests = read_trace(trace)
+        note = ("The adaptive policy learnt from the trace itself, as if the week before had "
+                "looked the same.")
+        return requests, requests, f"trace {trace}", [note]
+    requests = synthetic_week(shape, seed)
+    history = synthetic_week(shape, seed + 1000)
+    note = (f"Sample week '{shape}' (seed {seed}); the adaptive policy learnt from the week "
+            "before it (another draw of the same shape).")
+    return requests, history, f"sample {shape} week, seed {seed}", [note]
+
+
+def _fleet(
+    app: AppContext, requests: list[Request], *, sample: bool, gpus: int | None,
+    resume_s: float | None, pause_s: float | None,
+) -> tuple[FleetSpec, str]:
+    from gpuctl.sim.replay import FleetSpec
+    from gpuctl.sim.study import fleet_from_store
+
+    models = sorted({r.model for r in requests})
+    if gpus is None and not sample:
+        store = app.open_store()
+        try:
+            known = fleet_from_store(store, resume_s=resume_s, pause_s=pause_s)
+        finally:
+            store.close()
+        if known is not None:
+            return known, (f"Fleet: the {len(known.gpus)} GPU(s) the store knows, with their "
+                           "models and learnt resume times.")
+    count = gpus or 3
+    fleet = FleetSpec.twins(count, models, resume_s=resume_s or 120.0, pause_s=pause_s or 60.0)
+    spec = fleet.gpus[0]
+    return fleet, (f"Fleet: {count} identical GPUs with every model of the workload, "
+                   f"{spec.resume_s:g} s resumes, {spec.pause_s:g} s pauses, "
+                   f"{spec.ollama_s:g} s for Ollama to start.")
+
+
+def _table(result: StudyResult) -> Table:
+    from rich.table import Table
+
+    credits = any(s.credits is not None for s in result.settings)
+    table = Table(
+        title=(f"{result.source}: {result.requests:,} requests, {result.gpus} GPUs, "
+               f"{result.window_hours:g} h; always on "
+               f"{result.settings[0].always_on_gpu_hours:,.1f} GPU-h, offline optimum "
+               f"{result.settings[0].optimum_gpu_hours:,.1f} GPU-h"),
+        title_justify="left",
+    )
+    table.add_column("setting")
+    table.add_column("GPU-h", justify="right")
+    if credits:
+        table.add_column("credits", justify="right")
+    table.add_column("× optimum", justify="right")
+    table.add_column("waited for a wake", justify="right")
+    table.add_column("wait p50/p90/max s", justify="right")
+    table.add_column("resumes", justify="right")
+    table.add_column("refused", justify="right")
+    table.add_column("")
+    for s in result.settings:
+        marks = []
+        if s.pareto:
+            marks.append("front")
+        if s.recommended:
+            marks.append("recommended")
+        if s.current:
+            marks.append("current")
+        row = [s.label, f"{s.gpu_hours:,.2f}"]
+        if credits:
+            row.append("" if s.credits is None else f"{s.credits:,.1f}")
+        row += [
+            f"{s.over_optimum:.2f}", str(s.waited_for_wake),
+            f"{s.wait_median_s:.0f}/{s.wait_p90_s:.0f}/{s.wait_max_s:.0f}",
+            str(s.resumes), str(s.refused), ", ".join(marks),
+        ]
+        table.add_row(*row)
+    return table

@@ -1,0 +1,93 @@
+"""``gpuctl simulate`` end to end, in-process: flags, workloads, fleets, table and JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gpuctl.store import Store
+
+from .conftest import Gpuctl
+
+TRACE = "arrival_s,user,model,service_s\n" + "".join(
+    f"{i * 240},alice,llama3.2,20\n" for i in range(15)
+)
+
+
+def trace_file(tmp_path: Path) -> str:
+    path = tmp_path / "trace.csv"
+    path.write_text(TRACE)
+    return str(path)
+
+
+def test_a_trace_sweep_prints_json_with_every_setting(gpuctl: Gpuctl, tmp_path: Path) -> None:
+    result = gpuctl("simulate", "--trace", trace_file(tmp_path), "--gpus", "1",
+                    "--set", "timing.reservation_minutes=2,5", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [s["label"] for s in data["settings"]] == ["current config", "lease 2 min",
+                                                      "lease 5 min"]
+    assert data["recommended"] == "lease 5 min"
+    assert data["requests"] == 15 and data["gpus"] == 1
+    row = data["settings"][2]
+    assert set(row) >= {"gpu_hours", "credits", "always_on_gpu_hours", "optimum_gpu_hours",
+                        "waited_for_wake", "wait_median_s", "wait_p90_s", "wait_max_s",
+                        "resumes", "pareto", "recommended"}
+    assert row["credits"] is None  # no price configured
+
+
+def test_the_table_marks_the_front_and_says_what_switching_saves(
+    gpuctl: Gpuctl, tmp_path: Path
+) -> None:
+    result = gpuctl("simulate", "--trace", trace_file(tmp_path), "--gpus", "1",
+                    "--set", "timing.reservation_minutes=5")
+    assert result.exit_code == 0, result.output
+    assert "recommended" in result.stdout and "front" in result.stdout
+    assert "Switch to lease 5 min" in result.stdout
+    assert "1 identical GPUs" in result.stdout
+
+
+def test_what_ifs_change_the_fleet(gpuctl: Gpuctl, tmp_path: Path) -> None:
+    slow = json.loads(gpuctl("simulate", "--trace", trace_file(tmp_path), "--gpus", "1",
+                             "--resume-s", "300", "--json").stdout)
+    fast = json.loads(gpuctl("simulate", "--trace", trace_file(tmp_path), "--gpus", "1",
+                             "--resume-s", "30", "--json").stdout)
+    assert slow["settings"][0]["wait_max_s"] > 300 > 40 > fast["settings"][0]["wait_max_s"]
+
+
+def test_the_fleet_comes_from_the_store_when_it_knows_one(
+    gpuctl: Gpuctl, gpuctl_home: Path, tmp_path: Path
+) -> None:
+    store = Store.open(gpuctl_home / "state")
+    for gpu in ("ws-a", "ws-b"):
+        store.save_models(gpu, [{"name": "llama3.2:latest", "model": "llama3.2:latest"}], 0)
+        store.record_resume(gpu, 65.0, ok=True, at=0)
+    store.close()
+    result = gpuctl("simulate", "--trace", trace_file(tmp_path), "--json")
+    data = json.loads(result.stdout)
+    assert data["gpus"] == 2
+    assert any("the store knows" in n for n in data["notes"])
+    assert 60 <= data["settings"][0]["wait_max_s"] <= 67  # 60 s resume + 5 s Ollama start
+
+
+def test_no_workload_or_two_is_a_usage_error(gpuctl: Gpuctl, tmp_path: Path) -> None:
+    assert gpuctl("simulate").exit_code == 2
+    both = gpuctl("simulate", "--sample", "--trace", trace_file(tmp_path))
+    assert both.exit_code == 2 and "one workload" in both.stderr
+
+
+def test_bad_settings_are_usage_errors(gpuctl: Gpuctl, tmp_path: Path) -> None:
+    trace = trace_file(tmp_path)
+    unknown = gpuctl("simulate", "--trace", trace, "--set", "timing.lease=3")
+    assert unknown.exit_code == 2 and "config key" in unknown.stderr
+    negative = gpuctl("simulate", "--trace", trace, "--set", "timing.reservation_minutes=-1")
+    assert negative.exit_code == 2 and "reservation_minutes" in negative.stderr
+    assert gpuctl("simulate", "--trace", trace, "--gpus", "0").exit_code == 2
+    assert gpuctl("simulate", "--trace", trace, "--resume-s", "1e9").exit_code == 2
+
+
+def test_a_bad_trace_names_its_line(gpuctl: Gpuctl, tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("arrival_s,user,model,service_s\n0,alice,llama3.2,twenty\n")
+    result = gpuctl("simulate", "--trace", str(path))
+    assert result.exit_code == 2 and "line 2: service_s" in result.stderr
