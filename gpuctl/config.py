@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import platformdirs
 import tomlkit
 import tomlkit.exceptions
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gpuctl.errors import ConfigError
 
@@ -33,6 +35,7 @@ __all__ = [
     "LedgerConfig",
     "LoadedConfig",
     "PathsConfig",
+    "ScheduleEntry",
     "ServerConfig",
     "TimingConfig",
     "cache_dir",
@@ -79,6 +82,71 @@ class TimingConfig(_Section):
     startup_timeout_seconds: float = Field(600, gt=0)
     ollama_readiness_wait_seconds: float = Field(120, gt=0)
     poll_interval_seconds: float = Field(10, gt=0)
+    pause_policy: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="fixed: pause when the last lease ends; adaptive: learn the "
+                             "group's rhythm (engine/pausepolicy.py)")
+    max_idle_minutes: float = Field(
+        30, ge=1, description="adaptive: longest an idle GPU is kept up")
+
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HHMM = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$|^24:00$")
+
+
+def parse_days(spec: str) -> frozenset[int]:
+    """``"mon-fri"``, ``"sat,sun"``, ``"mon,wed-fri"`` → weekday numbers (Monday 0)."""
+    days: set[int] = set()
+    for part in spec.lower().replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if first not in _DAYS or (last and last not in _DAYS):
+            raise ValueError(f"days must look like 'mon-fri' or 'sat,sun' (got {spec!r})")
+        a, b = _DAYS.index(first), _DAYS.index(last or first)
+        days.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+    return frozenset(days)
+
+
+def minutes_of(hhmm: str) -> int:
+    """``"09:30"`` → 570 (minutes after midnight); ``"24:00"`` → 1440."""
+    match = _HHMM.match(hhmm.strip())
+    if not match:
+        raise ValueError(f"a time of day must be HH:MM (got {hhmm!r})")
+    if hhmm.strip() == "24:00":
+        return 1440
+    return int(match.group(1)) * 60 + int(match.group(2))
+
+
+class ScheduleEntry(_Section):
+    """A ``[[schedule]]`` entry: keep GPUs awake, or paused when idle, at known times."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    gpus: list[str] = Field(default_factory=list, description="names or ids; empty: all")
+    days: str = "mon-sun"
+    from_: str = Field("00:00", alias="from")
+    until: str = "24:00"
+    timezone: str = "UTC"
+    mode: Literal["awake", "paused"] = "awake"
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: str) -> str:
+        parse_days(value)
+        return value
+
+    @field_validator("from_", "until")
+    @classmethod
+    def _time(cls, value: str) -> str:
+        minutes_of(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
 
 class PathsConfig(_Section):
@@ -105,12 +173,17 @@ class Config(_Section):
     paths: PathsConfig = Field(default_factory=PathsConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
+    schedule: list[ScheduleEntry] = Field(default_factory=list)
 
 
+#: The tables of the config file (``[[schedule]]``, an array of tables, is not one of them:
+#: it has no ``GPUCTL_SECTION__KEY`` form and ``config set`` does not edit it).
 SECTIONS: dict[str, type[_Section]] = {
-    name: info.annotation  # type: ignore[misc]
+    name: info.annotation
     for name, info in Config.model_fields.items()
+    if isinstance(info.annotation, type) and issubclass(info.annotation, _Section)
 }
+LISTS = ("schedule",)
 
 
 @dataclass
@@ -235,12 +308,17 @@ def load_config(
     file_data = _read_file(file_path)
     sources: dict[str, str] = {}
 
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, Any] = {}
     for section, values in file_data.items():
+        if section in LISTS and isinstance(values, list):
+            merged[section] = values
+            sources[section] = f"file {file_path}"
+            continue
         if section not in SECTIONS or not isinstance(values, dict):
             raise ConfigError(
                 f"{file_path}: unknown section [{section}]",
-                hint=f"Known sections: {', '.join('[' + s + ']' for s in SECTIONS)}.",
+                hint=f"Known sections: {', '.join('[' + s + ']' for s in SECTIONS)}, "
+                     "[[schedule]].",
             )
         merged[section] = dict(values)
         for key in values:

@@ -60,6 +60,12 @@ def show(
     loaded = app_ctx.loaded()
     values: dict[str, dict[str, Any]] = {}
     for section, model in loaded.config:
+        if isinstance(model, list):  # [[schedule]]: one row per key of each entry
+            for n, entry in enumerate(model):
+                for key, value in entry.model_dump(by_alias=True).items():
+                    values[f"{section}[{n}].{key}"] = {"value": value,
+                                                       "source": loaded.source_of(section)}
+            continue
         for key, value in model:
             dotted = f"{section}.{key}"
             values[dotted] = {"value": redact(key, value), "source": loaded.source_of(dotted)}

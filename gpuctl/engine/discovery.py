@@ -170,6 +170,7 @@ class Discovery:
                 if gpu.waking is None:
                     # Resumed outside the engine (by hand, or before we started): grace.
                     gpu.grace_until = max(gpu.grace_until, now + reservation_seconds(self._config))
+                    gpu.idle_since = now
         else:
             gpu.running_since = None
             gpu.node_ready = False

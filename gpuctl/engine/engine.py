@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ from gpuctl.engine.leases import LeaseBook, reservation_seconds
 from gpuctl.engine.ledger import Ledger
 from gpuctl.engine.meter import CostMeter, CostTotals
 from gpuctl.engine.overview import FleetOverview, overview
+from gpuctl.engine.pausepolicy import PausePolicy
 from gpuctl.engine.progress import Announcer
 from gpuctl.engine.retention import retire_old_rows
 from gpuctl.engine.roster import Roster
@@ -128,12 +130,14 @@ class Engine:
         self._counters = {"resume": 0, "pause": 0, "wake_failures": 0, "granted": 0,
                           "rejected": 0}
         self._loads: list[tuple[str, float, float]] = []  # written by the next tick
+        self._policy = PausePolicy(config)
         self._waker = Waker(
             config, cloud, clock=self.clock, store=store, roster=self._roster, queue=self._queue,
             catalog=self._catalog, estimator=self._estimator, leases=self._leases,
             actions=Actions(config, cloud, self.clock, store, self._estimator, self,
                             self.ledger),
             background=self._background, drain=self._drain, count=self.count,
+            policy=self._policy,
         )
         self._discovery = Discovery(
             config, cloud, clock=self.clock, store=store,
@@ -456,11 +460,15 @@ class Engine:
         )
         gpu = grant.gpu
         gpu.in_use -= 1
+        if not gpu.in_use:
+            gpu.idle_since = now
         if self._gpus.get(gpu.id) is not gpu:
             return  # the GPU left the fleet while this request ran
         seconds = self._lease_seconds(gpu, grant.user)
         self._leases.hold(gpu.id, grant.user, now + seconds, seconds)
         if failed is None:
+            wall = self.clock.wall()
+            self._policy.observe(grant.model, wall - held, wall)
             self._estimator.record_service(grant.model, held)
             if usage is not None and usage.load_seconds and usage.load_seconds >= LOAD_SECONDS:
                 self._estimator.record_load(grant.model, usage.load_seconds)
@@ -475,6 +483,12 @@ class Engine:
             self._discovery.schedule_probe(gpu)
         self._roster.refile(gpu)
         self._drain(gpu)
+
+    def learn_from(self, requests: Iterable[tuple[str, float, float]]) -> None:
+        """History for the pause policy: (model, start, end) of past requests, wall seconds
+        (the request log at start; a replay's week before)."""
+        for model, start, end in requests:
+            self._policy.observe(model, start, end)
 
     def queue_depth(self) -> int:
         return len(self._queue)

@@ -97,6 +97,9 @@ class Gpu:
     waking: Flight | None = None
     pausing: Flight | None = None
     grace_until: float = 0.0
+    #: When the GPU last became idle (its last request ended, or it came up): the pause
+    #: policy's clock for how long it has sat unused.
+    idle_since: float = 0.0
     last_error: str | None = None
     probing: asyncio.Task[None] | None = None
     #: The models counted in the engine's per-model ready tally (``None``: not counted).

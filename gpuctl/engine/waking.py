@@ -32,6 +32,7 @@ from gpuctl.engine.estimates import Estimator
 from gpuctl.engine.fairqueue import FairQueue
 from gpuctl.engine.fleet import Flight, Gpu, WakeStage
 from gpuctl.engine.leases import LeaseBook, reservation_seconds
+from gpuctl.engine.pausepolicy import PausePolicy
 from gpuctl.engine.progress import notify
 from gpuctl.engine.roster import Roster
 from gpuctl.errors import ActionRefused, NotCloudManaged, Unavailable, WakeFailed
@@ -71,6 +72,7 @@ class Waker:
         background: Background,
         drain: Callable[[Gpu], None],
         count: Callable[[str], None],
+        policy: PausePolicy | None = None,
     ) -> None:
         self._config = config
         self._cloud = cloud
@@ -86,6 +88,7 @@ class Waker:
         self._background = background
         self._drain = drain
         self._count = count
+        self._policy = policy if policy is not None else PausePolicy(config)
         self._suppliers: dict[str, asyncio.Task[None]] = {}
         self._supply_checked: dict[str, float] = {}
         #: The actions a previous engine left pending were taken over (``adopt_pending``).
@@ -292,6 +295,7 @@ class Waker:
             del self.resume_durations[:-METRIC_HISTORY]
             now = self._clock.now()
             gpu.grace_until = now + reservation_seconds(self._config) if flight.grace else now
+            gpu.idle_since = now
         except WakeFailed:
             self._count("wake_failures")
             raise
@@ -356,23 +360,77 @@ class Waker:
     # -- idle pause and adoption -------------------------------------------------------------
 
     def pause_idle(self, now: float) -> None:
-        """Pause every GPU that sat idle past its grace (when ``gpu.auto_pause`` is on)."""
+        """Pause every GPU the pause policy (or, without one, the leases) lets go, and wake
+        the ones it wants up: pre-warm and ``[[schedule]]`` (when ``gpu.auto_pause`` is on)."""
         if self._config.gpu.auto_pause and self._cloud.managed:
             for gpu in list(self._gpus.values()):
                 if self._idle(gpu, now):
                     self._start_pause(gpu)
+            self._prewarm(now)
 
     def _idle(self, gpu: Gpu, now: float) -> bool:
-        """Paused on the next tick: up, unused, unleased, past its grace, nobody waiting."""
+        """Paused on the next tick: up, unused, nobody waiting, and then either the pause
+        policy says so or (it has no opinion) no lease holds it and its grace is over."""
         if gpu.waking is not None or gpu.pausing is not None or gpu.in_use:
             return False
         if gpu.state is not GpuState.IDLE and not (
             gpu.state is GpuState.UNAVAILABLE and gpu.ws.status == "running"
         ):
             return False
-        if now < gpu.grace_until or self._leases.leased(gpu.id) or not gpu.ws.can_pause:
+        if not gpu.ws.can_pause or any(m in (gpu.models or {}) for m in self._queue.models()):
             return False
-        return not any(m in (gpu.models or {}) for m in self._queue.models())
+        decision = self._policy_says(gpu, now)
+        if decision is not None:
+            return decision
+        return now >= gpu.grace_until and not self._leases.leased(gpu.id)
+
+    def _breakeven(self, gpu: Gpu) -> float:
+        """Seconds of idling that cost what a pause and a resume of ``gpu`` cost."""
+        return self._estimator.resume_seconds(gpu.id) + self._estimator.pause_seconds(gpu.id)
+
+    def _policy_says(self, gpu: Gpu, now: float) -> bool | None:
+        if not gpu.models:
+            return None
+        key = tuple(sorted(gpu.models))
+        level = sum(
+            1 for other in self._gpus.values()
+            if other is not gpu and other.ready and tuple(sorted(other.models or ())) == key
+            and (other.in_use > 0 or other.idle_since > gpu.idle_since)
+        )
+        wall = self._clock.wall()
+        return self._policy.pause_idle(
+            key=key, name=gpu.name, gpu_id=gpu.id, idle_since=wall - (now - gpu.idle_since),
+            now=wall, breakeven=self._breakeven(gpu),
+            resume=self._estimator.resume_seconds(gpu.id), level=level,
+        )
+
+    def _prewarm(self, now: float) -> None:
+        """Wake a GPU a resume ahead of demand the policy expects, or a schedule asks for."""
+        policy = self._policy
+        if not policy.adaptive and not policy.schedules:
+            return
+        wall = self._clock.wall()
+        groups: dict[tuple[str, ...], list[Gpu]] = {}
+        for gpu in list(self._gpus.values()):
+            if gpu.state is GpuState.PAUSED and policy.awake(
+                gpu.name, gpu.id, wall + self.ready_in(gpu)
+            ):
+                log.info("waking %s: a schedule wants it up", gpu.name)
+                self._start_wake(gpu, grace=False)
+            if gpu.models:
+                groups.setdefault(tuple(sorted(gpu.models)), []).append(gpu)
+        if not policy.adaptive:
+            return
+        for key, gpus in groups.items():
+            paused = sorted((g for g in gpus if g.state is GpuState.PAUSED),
+                            key=lambda g: (self.ready_in(g), g.name))
+            if not paused or any(g.ready or g.waking is not None for g in gpus):
+                continue
+            best = paused[0]
+            if best.waking is None and policy.wanted(key, wall, self.ready_in(best),
+                                                     self._breakeven(best)):
+                log.info("pre-warming %s: requests usually come about now", best.name)
+                self._start_wake(best, grace=False)
 
     def adopt_pending(self) -> None:
         """Carry on with the cloud actions a previous engine left in flight (never resend)."""

@@ -37,8 +37,12 @@ from gpuctl.store import Store
 
 __all__ = ["FleetSpec", "GpuSpec", "Outcome", "offline_optimum", "replay", "run_replay"]
 
-#: Stages of a wake a held request is told about: hearing one means it waited for a wake.
+#: Stages of a wake a held request is told about: hearing one of the GPU that then served
+#: it means it waited for a wake (not for a slot while another GPU was woken).
 _WAKE_STAGES = frozenset({"resuming", "running"})
+#: The window starts on a Monday at 00:00 UTC (2027-01-18), so a week's hours of the week
+#: are what a policy that learns by hour of the week sees.
+MONDAY = 1_800_230_400.0
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ async def replay(
     requests touch). ``history``: requests of the time before the window, handed to the
     engine as what it has seen (a policy that learns from history learns from them).
     """
-    clock = VirtualClock()
+    clock = VirtualClock(wall_start=MONDAY)
     cloud = SimCloud(clock)
     store = Store.memory()
     machines: list[SimMachine] = []
@@ -119,9 +123,12 @@ async def replay(
     last = max((r.arrival_s + r.service_s for r in requests), default=0.0)
     window = window_s if window_s is not None else max(DAY, math.ceil(last / DAY) * DAY)
     engine = Engine(config, cloud, store, clock=clock, nodes=cloud.node)
-    observe = getattr(engine, "observe_history", None)
-    if history and observe is not None:
-        observe(history, clock.wall())
+    if history:
+        # The history ends where the window begins, on the same day of the week.
+        span = max(DAY, math.ceil(max(r.arrival_s for r in history) / DAY) * DAY)
+        before = math.ceil(span / (7 * DAY)) * 7 * DAY
+        engine.learn_from((r.model, MONDAY - before + r.arrival_s,
+                           MONDAY - before + r.arrival_s + r.service_s) for r in history)
     await engine.start()
     caller = _Callers(engine, clock)
     feeder = asyncio.ensure_future(caller.feed(requests))
@@ -173,11 +180,11 @@ class _Callers:
             task.add_done_callback(self.tasks.discard)
 
     async def one(self, request: Request) -> None:
-        woke = False
+        woken: set[str] = set()
 
         def heard(progress: Progress) -> None:
-            nonlocal woke
-            woke = woke or progress.stage in _WAKE_STAGES
+            if progress.stage in _WAKE_STAGES and progress.gpu_id:
+                woken.add(progress.gpu_id)
 
         began = self.clock.now()
         try:
@@ -185,7 +192,7 @@ class _Callers:
         except GpuctlError:
             self.refused += 1
             return
-        if woke:
+        if ticket.gpu_id in woken:
             self.cold.append(self.clock.now() - began)
         try:
             await self.clock.sleep(request.service_s)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gpuctl.cli.config_cmd import redact
 
 from .conftest import Gpuctl
@@ -174,3 +176,34 @@ def test_invalid_toml_is_a_readable_error(gpuctl: Gpuctl, gpuctl_home: Path) -> 
     assert result.exit_code == 2
     assert "not valid TOML" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_schedule_entries_load_validate_and_show(gpuctl: Gpuctl, gpuctl_home: Path) -> None:
+    (gpuctl_home / "config.toml").write_text(
+        '[timing]\npause_policy = "adaptive"\n\n'
+        '[[schedule]]\ngpus = ["gpu-a"]\ndays = "mon-fri"\nfrom = "08:30"\nuntil = "18:00"\n'
+        'timezone = "Europe/Amsterdam"\nmode = "awake"\n'
+    )
+    shown = gpuctl("config", "show", "--json")
+    assert shown.exit_code == 0, shown.output
+    values = json.loads(shown.stdout)["values"]
+    assert values["timing.pause_policy"]["value"] == "adaptive"
+    assert values["schedule[0].from"]["value"] == "08:30"
+    assert values["schedule[0].timezone"]["value"] == "Europe/Amsterdam"
+
+
+@pytest.mark.parametrize(("entry", "complaint"), [
+    ('days = "mon-fry"', "days"),
+    ('from = "8:75"', "from"),
+    ('until = "25:00"', "until"),
+    ('timezone = "Mars/Olympus"', "time zone"),
+    ('mode = "asleep"', "mode"),
+    ('lights = "on"', "lights"),
+])
+def test_a_bad_schedule_entry_is_a_config_error(
+    gpuctl: Gpuctl, gpuctl_home: Path, entry: str, complaint: str
+) -> None:
+    (gpuctl_home / "config.toml").write_text(f"[[schedule]]\n{entry}\n")
+    result = gpuctl("config", "show")
+    assert result.exit_code == 2
+    assert complaint in result.stderr

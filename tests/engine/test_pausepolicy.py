@@ -1,0 +1,171 @@
+"""The pause policy: what it learns from history, schedules, and the engine acting on it."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from gpuctl.config import Config, ScheduleEntry
+from gpuctl.engine import GpuState
+from gpuctl.engine.pausepolicy import (
+    MIN_IDLE_SECONDS,
+    PausePolicy,
+    Schedules,
+    _gaps,
+    _in_windows,
+    learn,
+)
+
+from .world import Fleet
+
+HOUR = 3600.0
+DAY = 86_400.0
+#: Monday 2027-01-11 00:00 UTC.
+MONDAY = datetime(2027, 1, 11, tzinfo=timezone.utc).timestamp()
+
+
+def at(day: int, hour: float) -> float:
+    return MONDAY + day * DAY + hour * HOUR
+
+
+def test_gaps_lie_between_busy_periods_and_count_who_would_wait() -> None:
+    busy = [(0.0, 10.0), (5.0, 12.0), (100.0, 110.0), (150.0, 160.0), (1000.0, 1010.0)]
+    gaps = _gaps(busy, resume=125.0)
+    assert [(g.start, g.length) for g in gaps] == [(12.0, 88.0), (110.0, 40.0), (160.0, 840.0)]
+    # the request that ended the first gap, and the one at 150 s, came within a resume of it
+    assert [g.waiters for g in gaps] == [2, 1, 1]
+
+
+def test_an_hour_of_short_gaps_keeps_up_and_an_hour_of_long_ones_pauses_at_once() -> None:
+    busy = []
+    for day in range(5):
+        busy += [(at(day, 9) + n * 300, at(day, 9) + n * 300 + 60) for n in range(12)]
+        busy += [(at(day, 14) + n * 3000, at(day, 14) + n * 3000 + 60) for n in range(7)]
+    tables = learn(busy, breakeven=185, resume=125, max_idle=1800, span=5 * DAY)
+    assert tables.keep(at(1, 9.5)) >= 240  # 4-minute gaps: bridged
+    assert tables.keep(at(1, 14.5)) == MIN_IDLE_SECONDS  # 49-minute gaps: never worth it
+
+
+def test_a_weekly_pileup_after_a_quiet_gets_a_prewarm_window() -> None:
+    busy = [(at(0, 9), at(0, 9) + 10)]
+    busy += [(at(1, 22) + n * 5, at(1, 22) + n * 5 + 4) for n in range(40)]  # Tuesday's batch
+    busy += [(at(6, 12), at(6, 12) + 10)]
+    tables = learn(busy, breakeven=185, resume=125, max_idle=1800, span=7 * DAY)
+    next_week = 7 * DAY
+    assert _in_windows(tables.prewarm, at(1, 21.9) + next_week)
+    assert not _in_windows(tables.prewarm, at(2, 21.9) + next_week)
+    assert not _in_windows(tables.prewarm, at(1, 20) + next_week)
+
+
+@pytest.mark.parametrize(("entry", "when", "expected"), [
+    (dict(days="mon-fri", until="18:00", **{"from": "08:00"}), at(0, 7.99), None),
+    (dict(days="mon-fri", until="18:00", **{"from": "08:00"}), at(0, 8.0), "awake"),
+    (dict(days="mon-fri", until="18:00", **{"from": "08:00"}), at(5, 9.0), None),
+    # Amsterdam is UTC+1 in January: 08:00 there is 07:00 UTC
+    (dict(days="mon", until="09:00", timezone="Europe/Amsterdam", **{"from": "08:00"}),
+     at(0, 7.5), "awake"),
+    # overnight: Friday 22:00 to Saturday 06:00 belongs to Friday
+    (dict(days="fri", until="06:00", mode="paused", **{"from": "22:00"}), at(5, 3), "paused"),
+    (dict(days="fri", until="06:00", mode="paused", **{"from": "22:00"}), at(4, 3), None),
+    (dict(days="sat-sun", gpus=["gpu-b"]), at(5, 12), None),  # another GPU's
+])
+def test_schedules_match_days_hours_zones_and_gpus(
+    entry: dict[str, object], when: float, expected: str | None
+) -> None:
+    schedules = Schedules([ScheduleEntry.model_validate(entry)])
+    assert schedules.mode("gpu-a", "ws-1", when) == expected
+
+
+def adaptive(**timing: object) -> Config:
+    return Config.model_validate({"timing": {"pause_policy": "adaptive", **timing}})
+
+
+def test_the_fixed_policy_and_a_short_history_have_no_opinion() -> None:
+    fixed = PausePolicy(Config())
+    young = PausePolicy(adaptive())
+    for policy in (fixed, young):
+        policy.observe("m", at(0, 9), at(0, 9) + 10)
+        policy.observe("m", at(5, 9), at(5, 9) + 10)
+        assert policy.pause_idle(key=("m",), name="g", gpu_id="g", idle_since=at(5, 10),
+                                 now=at(5, 11), breakeven=185, resume=125, level=0) is None
+
+
+def test_decisions_stay_within_a_minute_and_max_idle() -> None:
+    policy = PausePolicy(adaptive(max_idle_minutes=20))
+    for day in range(8):  # a question every 10 minutes, day and night, for 8 days
+        for n in range(144):
+            start = at(day, 0) + n * 600
+            policy.observe("m", start, start + 5)
+    now = at(8, 12)
+
+    def decide(idle: float, level: int = 0) -> bool | None:
+        return policy.pause_idle(key=("m",), name="g", gpu_id="g", idle_since=now - idle,
+                                 now=now, breakeven=185, resume=125, level=level)
+
+    assert decide(30) is False  # never under a minute
+    assert decide(500) is False  # the next question usually comes within 10 minutes
+    assert decide(20 * 60) is True  # never past max_idle_minutes
+    assert decide(500, level=1) is None  # a second GPU keeps to the leases
+
+
+# -- the engine acting on it (fake clock; it starts on Friday 2027-01-15 08:00 UTC) ---------
+
+def history(fleet: Fleet, every: float, days: float) -> list[tuple[str, float, float]]:
+    now = fleet.clock.wall()
+    count = int(days * DAY / every)
+    return [("llama3.2:latest", now - n * every, now - n * every + 10) for n in range(count, 0, -1)]
+
+
+async def test_adaptive_pauses_soon_where_history_says_nobody_comes_back(fleet: Fleet) -> None:
+    fleet.configure(timing={"pause_policy": "adaptive"})
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    engine.learn_from(history(fleet, every=2 * HOUR, days=8))  # two hours between questions
+    engine.release(await engine.acquire("llama3.2", "alice"))
+    await fleet.advance(50)
+    assert fleet.cloud.total_pauses == 0  # never before a minute
+    await fleet.advance(30)
+    assert fleet.cloud.total_pauses == 1  # not the 10-minute lease
+
+
+async def test_adaptive_keeps_to_the_lease_until_it_has_a_week_of_history(fleet: Fleet) -> None:
+    fleet.configure(timing={"pause_policy": "adaptive"})
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    engine.learn_from(history(fleet, every=2 * HOUR, days=5))
+    engine.release(await engine.acquire("llama3.2", "alice"))
+    await fleet.advance(590)
+    assert fleet.cloud.total_pauses == 0
+    await fleet.advance(20)
+    assert fleet.cloud.total_pauses == 1
+
+
+async def test_an_awake_schedule_wakes_the_gpu_ahead_and_lets_it_go_after(fleet: Fleet) -> None:
+    fleet.config = fleet.config.model_copy(update={"schedule": [ScheduleEntry.model_validate(
+        {"gpus": ["gpu-a"], "days": "fri", "from": "08:10", "until": "08:30"})]})
+    fleet.cloud.add("gpu-a")
+    fleet.cloud.add("gpu-b")
+    engine = await fleet.start()
+    await fleet.advance(6 * 60, step=10)  # 08:06: a resume (180 s expected) not yet due
+    assert fleet.cloud.total_resumes == 0
+    await fleet.advance(4 * 60, step=10)  # 08:10
+    assert engine.gpu("gpu-a").state is GpuState.IDLE
+    assert engine.gpu("gpu-b").state is GpuState.PAUSED
+    await fleet.advance(19 * 60, step=10)  # 08:29: kept up, nobody used it
+    assert fleet.cloud.total_pauses == 0
+    await fleet.advance(2 * 60, step=10)
+    assert fleet.cloud.total_pauses == 1
+
+
+async def test_a_paused_schedule_pauses_an_idle_gpu_despite_its_lease(fleet: Fleet) -> None:
+    fleet.config = fleet.config.model_copy(update={"schedule": [ScheduleEntry.model_validate(
+        {"days": "mon-sun", "from": "08:00", "until": "09:00", "mode": "paused"})]})
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    ticket = await engine.acquire("llama3.2", "alice")
+    await fleet.advance(60)
+    assert fleet.cloud.total_pauses == 0  # never with a request in flight
+    engine.release(ticket)
+    await fleet.advance(20)
+    assert fleet.cloud.total_pauses == 1
