@@ -467,8 +467,9 @@ class Engine:
         seconds = self._lease_seconds(gpu, grant.user)
         self._leases.hold(gpu.id, grant.user, now + seconds, seconds)
         if failed is None:
-            wall = self.clock.wall()
-            self._policy.observe(grant.model, wall - held, wall)
+            if self._policy.adaptive:
+                wall = self.clock.wall()
+                self._policy.observe(grant.model, wall - held, wall)
             self._estimator.record_service(grant.model, held)
             if usage is not None and usage.load_seconds and usage.load_seconds >= LOAD_SECONDS:
                 self._estimator.record_load(grant.model, usage.load_seconds)

@@ -321,7 +321,7 @@ class PausePolicy:
             return False  # in an awake window, or woken ahead of one
         if mode == "paused":
             return True
-        tables = self.tables(key, now, breakeven, resume=resume)
+        tables = self.tables(key, now, breakeven, resume=resume) if key else None
         if tables is None or level > 0:
             return None  # a second GPU woken for a queue: the leases decide
         idle = now - idle_since

@@ -389,9 +389,10 @@ class Waker:
         return self._estimator.resume_seconds(gpu.id) + self._estimator.pause_seconds(gpu.id)
 
     def _policy_says(self, gpu: Gpu, now: float) -> bool | None:
-        if not gpu.models:
-            return None
-        key = tuple(sorted(gpu.models))
+        """The pause policy's word on an idle ``gpu`` (``None``: the leases decide)."""
+        if not self._policy.adaptive and not self._policy.schedules:
+            return None  # the fixed policy and no schedule: skip the walk over the fleet
+        key = tuple(sorted(gpu.models or ()))
         level = sum(
             1 for other in self._gpus.values()
             if other is not gpu and other.ready and tuple(sorted(other.models or ())) == key

@@ -91,3 +91,15 @@ def test_a_bad_trace_names_its_line(gpuctl: Gpuctl, tmp_path: Path) -> None:
     path.write_text("arrival_s,user,model,service_s\n0,alice,llama3.2,twenty\n")
     result = gpuctl("simulate", "--trace", str(path))
     assert result.exit_code == 2 and "line 2: service_s" in result.stderr
+
+
+def test_policies_are_a_dimension_of_the_grid(gpuctl: Gpuctl, tmp_path: Path) -> None:
+    result = gpuctl("simulate", "--trace", trace_file(tmp_path), "--gpus", "1",
+                    "--set", "timing.reservation_minutes=5", "--policy", "fixed,adaptive",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    labels = [s["label"] for s in json.loads(result.stdout)["settings"]]
+    assert labels == ["current config", "lease 5 min, policy fixed",
+                      "lease 5 min, policy adaptive"]
+    bad = gpuctl("simulate", "--trace", trace_file(tmp_path), "--policy", "psychic")
+    assert bad.exit_code == 2 and "pause_policy" in bad.stderr
