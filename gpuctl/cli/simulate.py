@@ -80,7 +80,7 @@ def simulate(
 def _workload(
     trace: Path | None, sample: bool, shape: str, seed: int
 ) -> tuple[list[Request], list[Request], str, list[str]]:
-    from gpuctl.sim.workload import read_trace, synthetic_week
+    from gpuctl.sim.workload import WEEK, Request, read_trace, synthetic_week
 
     if (trace is None) == (not sample):
         raise UsageError(
@@ -93,9 +93,13 @@ def _workload(
                 "looked the same.")
         return requests, requests, f"trace {trace}", [note]
     requests = synthetic_week(shape, seed)
-    history = synthetic_week(shape, seed + 1000)
-    note = (f"Sample week '{shape}' (seed {seed}); the adaptive policy learnt from the week "
-            "before it (another draw of the same shape).")
+    # Two weeks before it, each another draw of the same shape: a habit shows in both.
+    history = synthetic_week(shape, seed + 1000) + [
+        Request(r.arrival_s + WEEK, r.user, r.model, r.service_s, r.tokens_out)
+        for r in synthetic_week(shape, seed + 2000)
+    ]
+    note = (f"Sample week '{shape}' (seed {seed}); the adaptive policy learnt from the two "
+            "weeks before it (other draws of the same shape).")
     return requests, history, f"sample {shape} week, seed {seed}", [note]
 
 

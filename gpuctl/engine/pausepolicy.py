@@ -18,8 +18,8 @@ a resume. ``"adaptive"`` learns the group's rhythm to do better than any one poi
   for all gaps together (one week of a few gaps an hour is mostly noise).
 - Pre-warm: where history shows ``PILEUP`` or more requests piling up behind the wake that
   ended a long quiet (a batch started every Tuesday night), at the same time of the week
-  in at least half the weeks, a GPU of the group is woken a resume ahead of that window and
-  kept up until the requests come or the window ends.
+  in at least two weeks and half the weeks of history, a GPU of the group is woken a
+  resume ahead of that window and kept up until the requests come or the window ends.
 - Only the group's first GPU is the policy's: a second one (woken for a queue) keeps to
   the leases, as under the fixed policy.
 - Bounds: never shorter than ``MIN_IDLE_SECONDS``, never longer than ``max_idle_minutes``;
@@ -65,6 +65,8 @@ KEEP_REQUESTS = 100_000
 PILEUP = 5
 #: A pre-warm window reaches this far either side of when the pile-up came.
 PREWARM_MARGIN = 900.0
+#: A GPU that came up this long after a window began was not woken for it.
+PREWARM_SLACK = 300.0
 #: A gap at least this long is "quiet": any sensible policy paused through it.
 QUIET_SECONDS = 1800.0
 #: How often the tables are learnt again from what was observed.
@@ -181,20 +183,23 @@ def _in_windows(windows: list[tuple[float, float]], wall: float) -> bool:
 
 def _waiting_for_pileup(windows: list[tuple[float, float]], idle_since: float,
                        now: float) -> bool:
-    """Inside a pre-warm window, and the GPU has been idle since before it began: the
-    requests it was warmed for have not come yet (once they have, the keep-alive decides)."""
+    """Inside a pre-warm window, and the GPU has been idle since about when it began (it
+    was woken for the window, or idle before it): the requests it was warmed for have not
+    come yet. Once they have, the keep-alive decides."""
     at = _week_seconds(now)
     for start, end in windows:
         for offset in (0.0, WEEK):
             if start <= at + offset < end:
-                return now - idle_since >= at + offset - start
+                began = now - (at + offset - start)
+                return idle_since <= began + PREWARM_SLACK
     return False
 
 
 def _prewarm_windows(gaps: list[_Gap], span: float) -> list[tuple[float, float]]:
     """Where in the week a pile-up came after a quiet (``PILEUP`` or more requests arriving
-    within a resume of the first), in at least half the weeks of history: the window is
-    ``PREWARM_MARGIN`` either side of it, merged with its neighbours."""
+    within a resume of the first), in at least two weeks and half the weeks of history (one
+    week cannot tell a habit from a one-off): the window is ``PREWARM_MARGIN`` either side
+    of it, merged with its neighbours."""
     weeks = max(1, round(span / WEEK))
     events = [(_week_seconds(g.start + g.length), math.floor((g.start + g.length) / WEEK))
               for g in gaps if g.length >= QUIET_SECONDS and g.waiters >= PILEUP]
@@ -202,7 +207,7 @@ def _prewarm_windows(gaps: list[_Gap], span: float) -> list[tuple[float, float]]
     for at, _ in events:
         support = {week for other, week in events
                    if min(abs(other - at), WEEK - abs(other - at)) <= PREWARM_MARGIN}
-        if len(support) >= max(1, math.ceil(weeks / 2)):
+        if len(support) >= max(2, math.ceil(weeks / 2)):
             windows.append((at - PREWARM_MARGIN, at + PREWARM_MARGIN))
     windows.sort()
     merged: list[tuple[float, float]] = []

@@ -47,15 +47,30 @@ def test_an_hour_of_short_gaps_keeps_up_and_an_hour_of_long_ones_pauses_at_once(
     assert tables.keep(at(1, 14.5)) == MIN_IDLE_SECONDS  # 49-minute gaps: never worth it
 
 
-def test_a_weekly_pileup_after_a_quiet_gets_a_prewarm_window() -> None:
-    busy = [(at(0, 9), at(0, 9) + 10)]
-    busy += [(at(1, 22) + n * 5, at(1, 22) + n * 5 + 4) for n in range(40)]  # Tuesday's batch
-    busy += [(at(6, 12), at(6, 12) + 10)]
-    tables = learn(busy, breakeven=185, resume=125, max_idle=1800, span=7 * DAY)
-    next_week = 7 * DAY
-    assert _in_windows(tables.prewarm, at(1, 21.9) + next_week)
-    assert not _in_windows(tables.prewarm, at(2, 21.9) + next_week)
-    assert not _in_windows(tables.prewarm, at(1, 20) + next_week)
+def a_week_with_a_tuesday_batch(week: int, hour: float) -> list[tuple[float, float]]:
+    base = week * 7 * DAY
+    busy = [(base + at(0, 9), base + at(0, 9) + 10)]
+    start = base + at(1, hour)
+    busy += [(start + n * 5, start + n * 5 + 4) for n in range(40)]  # back to back
+    busy += [(base + at(6, 12), base + at(6, 12) + 10)]
+    return busy
+
+
+def test_a_pileup_after_a_quiet_in_two_weeks_gets_a_prewarm_window() -> None:
+    busy = a_week_with_a_tuesday_batch(0, 22.0) + a_week_with_a_tuesday_batch(1, 22.1)
+    tables = learn(busy, breakeven=185, resume=125, max_idle=1800, span=14 * DAY)
+    assert _in_windows(tables.prewarm, at(1, 21.9))
+    assert not _in_windows(tables.prewarm, at(2, 21.9))
+    assert not _in_windows(tables.prewarm, at(1, 20))
+
+
+def test_one_week_cannot_tell_a_habit_from_a_one_off() -> None:
+    tables = learn(a_week_with_a_tuesday_batch(0, 22.0), breakeven=185, resume=125,
+                   max_idle=1800, span=7 * DAY)
+    assert tables.prewarm == []
+    moved = a_week_with_a_tuesday_batch(0, 22.0) + a_week_with_a_tuesday_batch(1, 15.0)
+    tables = learn(moved, breakeven=185, resume=125, max_idle=1800, span=14 * DAY)
+    assert tables.prewarm == []
 
 
 @pytest.mark.parametrize(("entry", "when", "expected"), [
@@ -169,3 +184,26 @@ async def test_a_paused_schedule_pauses_an_idle_gpu_despite_its_lease(fleet: Fle
     engine.release(ticket)
     await fleet.advance(20)
     assert fleet.cloud.total_pauses == 1
+
+
+async def test_a_habit_seen_two_weeks_running_finds_a_warm_gpu(fleet: Fleet) -> None:
+    fleet.configure(timing={"pause_policy": "adaptive"})
+    machine = fleet.cloud.add("gpu-a")
+    fleet.store.save_models(machine.id, [{"name": "llama3.2:latest",
+                                          "model": "llama3.2:latest"}], 0)
+    engine = await fleet.start()
+    now = fleet.clock.wall()  # Friday 08:00 UTC
+    past: list[tuple[str, float, float]] = []
+    for weeks_ago in (2, 1):
+        batch = now - weeks_ago * 7 * DAY + 30 * 60  # Friday 08:30, after a quiet night
+        past.append(("llama3.2:latest", batch - 10 * HOUR, batch - 10 * HOUR + 5))
+        past += [("llama3.2:latest", batch + n * 5, batch + n * 5 + 4) for n in range(40)]
+    engine.learn_from(past)
+    await fleet.advance(11 * 60, step=10)  # 08:11: the window (from 08:15) is a resume off
+    assert fleet.cloud.total_resumes == 0
+    await fleet.advance(11 * 60, step=10)  # 08:22: woken ahead, kept up in the window
+    assert engine.gpu("gpu-a").state is GpuState.IDLE
+    await fleet.advance(8 * 60, step=10)  # 08:30: the batch comes
+    ticket = await engine.acquire("llama3.2", "bob")
+    assert ticket.waited_seconds == 0
+    engine.release(ticket)
