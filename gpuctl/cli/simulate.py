@@ -61,8 +61,7 @@ def simulate(
     fleet, fleet_note = _fleet(app, requests, sample=sample, gpus=gpus, resume_s=resume_s,
                                pause_s=pause_s)
     notes.append(fleet_note)
-    cost = getattr(config, "cost", None)
-    rate = getattr(cost, "credits_per_gpu_hour", None)
+    rate = config.cost.credits_per_gpu_hour or None  # 0: no price set, no credits shown
     if not as_json:
         app.err.print(f"replaying {len(requests):,} requests under {len(grid) or 1} "
                       "setting(s)…", highlight=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from gpuctl.store import Store
 
 from .conftest import Gpuctl
@@ -103,3 +105,16 @@ def test_policies_are_a_dimension_of_the_grid(gpuctl: Gpuctl, tmp_path: Path) ->
                       "lease 5 min, policy adaptive"]
     bad = gpuctl("simulate", "--trace", trace_file(tmp_path), "--policy", "psychic")
     assert bad.exit_code == 2 and "pause_policy" in bad.stderr
+
+
+def test_credits_follow_the_configured_price(gpuctl: Gpuctl, tmp_path: Path) -> None:
+    gpuctl.env["GPUCTL_COST__CREDITS_PER_GPU_HOUR"] = "2.5"
+    result = gpuctl("simulate", "--trace", trace_file(tmp_path), "--gpus", "1",
+                    "--set", "timing.reservation_minutes=5", "--json")
+    data = json.loads(result.stdout)
+    for row in data["settings"]:
+        assert row["credits"] == pytest.approx(2.5 * row["gpu_hours"], abs=0.01)
+    saved = data["saved_gpu_hours"]
+    assert data["saved_credits"] == pytest.approx(2.5 * saved, abs=0.01)
+    assert "credits" in gpuctl("simulate", "--trace", trace_file(tmp_path), "--gpus", "1",
+                               "--set", "timing.reservation_minutes=5").stdout
