@@ -7,7 +7,7 @@ Parses the flags, picks the workload and the fleet, hands them to ``sim.study.ru
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 import typer
 
@@ -25,8 +25,21 @@ if TYPE_CHECKING:
 __all__ = ["simulate"]
 
 
+class _Workload(NamedTuple):
+    requests: list[Request]
+    history: list[Request]
+    source: str
+    notes: list[str]
+    start_wall: float | None = None  # None: the replay's Monday
+    window_s: float | None = None
+
+
 def simulate(
     ctx: typer.Context,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="D",
+        help="Replay the request log from D (7d, 12h, 2026-11-01) until now; the default "
+             "when neither --trace nor --sample is given.")] = None,
     trace: Annotated[Path | None, typer.Option(
         "--trace", metavar="FILE", dir_okay=False,
         help="CSV of requests: arrival_s,user,model,service_s[,tokens_out].")] = None,
@@ -57,16 +70,22 @@ def simulate(
     config = app.config
     policies = [p.strip() for p in (policy or "").split(",") if p.strip()]
     grid = settings_grid(parse_sets(sets or []), policies)
-    requests, history, source, notes = _workload(trace, sample, shape, seed)
+    work = _workload(app, since, trace, sample, shape, seed)
+    requests, history, source, notes = work.requests, work.history, work.source, work.notes
     fleet, fleet_note = _fleet(app, requests, sample=sample, gpus=gpus, resume_s=resume_s,
                                pause_s=pause_s)
     notes.append(fleet_note)
+    timing: dict[str, float] = {}
+    if work.start_wall is not None:
+        timing["start_wall"] = work.start_wall
+    if work.window_s is not None:
+        timing["window_s"] = work.window_s
     rate = config.cost.credits_per_gpu_hour or None  # 0: no price set, no credits shown
     if not as_json:
         app.err.print(f"replaying {len(requests):,} requests under {len(grid) or 1} "
                       "setting(s)…", highlight=False)
     result = run_sync(run_study(config, requests, fleet, grid, source=source, history=history,
-                                notes=notes, credits_per_gpu_hour=rate))
+                                notes=notes, credits_per_gpu_hour=rate, **timing))
     if as_json:
         emit_json(result)
         return
@@ -77,29 +96,57 @@ def simulate(
 
 
 def _workload(
-    trace: Path | None, sample: bool, shape: str, seed: int
-) -> tuple[list[Request], list[Request], str, list[str]]:
+    app: AppContext, since: str | None, trace: Path | None, sample: bool, shape: str, seed: int
+) -> _Workload:
     from gpuctl.sim.workload import WEEK, Request, read_trace, synthetic_week
 
-    if (trace is None) == (not sample):
-        raise UsageError(
-            "give one workload: --trace FILE or --sample",
-            hint="Reading the request log (--since) waits for the ledger to land.",
-        )
+    if sum((since is not None, trace is not None, sample)) > 1:
+        raise UsageError("give one workload: --since D, --trace FILE or --sample")
     if trace is not None:
         requests = read_trace(trace)
         note = ("The adaptive policy learnt from the trace itself, as if the week before had "
                 "looked the same.")
-        return requests, requests, f"trace {trace}", [note]
-    requests = synthetic_week(shape, seed)
-    # Two weeks before it, each another draw of the same shape: a habit shows in both.
-    history = synthetic_week(shape, seed + 1000) + [
-        Request(r.arrival_s + WEEK, r.user, r.model, r.service_s, r.tokens_out)
-        for r in synthetic_week(shape, seed + 2000)
-    ]
-    note = (f"Sample week '{shape}' (seed {seed}); the adaptive policy learnt from the two "
-            "weeks before it (other draws of the same shape).")
-    return requests, history, f"sample {shape} week, seed {seed}", [note]
+        return _Workload(requests, requests, f"trace {trace}", [note])
+    if sample:
+        requests = synthetic_week(shape, seed)
+        # Two weeks before it, each another draw of the same shape: a habit shows in both.
+        history = synthetic_week(shape, seed + 1000) + [
+            Request(r.arrival_s + WEEK, r.user, r.model, r.service_s, r.tokens_out)
+            for r in synthetic_week(shape, seed + 2000)
+        ]
+        note = (f"Sample week '{shape}' (seed {seed}); the adaptive policy learnt from the two "
+                "weeks before it (other draws of the same shape).")
+        return _Workload(requests, history, f"sample {shape} week, seed {seed}", [note])
+    return _request_log(app, since or "7d")
+
+
+def _request_log(app: AppContext, since: str) -> _Workload:
+    """The local request log from ``since`` to now, and the two weeks before as history."""
+    import time
+
+    from gpuctl.engine.usage import parse_when
+    from gpuctl.sim.workload import WEEK, from_request_log
+
+    now = time.time()
+    start = parse_when(since, now)
+    store = app.open_store()
+    try:
+        rows = store.requests(start, now)
+        before = store.requests(start - 2 * WEEK, start)
+    finally:
+        store.close()
+    requests = from_request_log(rows, start)
+    if not requests:
+        raise UsageError(
+            f"the request log has no served requests since {since}",
+            hint="Run gpuctl serve for a while first, or try --sample or --trace FILE.",
+        )
+    history = from_request_log(before, start)
+    note = (f"The request log of this machine's state dir, the {now - start:,.0f} s to now; "
+            f"the adaptive policy learnt from the {len(history):,} requests of the two "
+            "weeks before.")
+    return _Workload(requests, history, f"request log since {since}", [note], start,
+                     max(now - start, requests[-1].arrival_s + requests[-1].service_s))
 
 
 def _fleet(

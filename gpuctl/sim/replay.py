@@ -94,23 +94,26 @@ class Outcome:
 
 def run_replay(
     requests: Sequence[Request], config: Config, fleet: FleetSpec, *,
-    window_s: float | None = None, history: Sequence[Request] = (),
+    window_s: float | None = None, history: Sequence[Request] = (), start_wall: float = MONDAY,
 ) -> Outcome:
     """``replay`` in a fresh event loop (for the CLI and benchmarks)."""
-    return asyncio.run(replay(requests, config, fleet, window_s=window_s, history=history))
+    return asyncio.run(replay(requests, config, fleet, window_s=window_s, history=history,
+                              start_wall=start_wall))
 
 
 async def replay(
     requests: Sequence[Request], config: Config, fleet: FleetSpec, *,
-    window_s: float | None = None, history: Sequence[Request] = (),
+    window_s: float | None = None, history: Sequence[Request] = (), start_wall: float = MONDAY,
 ) -> Outcome:
     """Play ``requests`` through a real engine with ``config`` over a simulated ``fleet``.
 
     ``window_s``: how long the window lasts (default: to the end of the last day the
     requests touch). ``history``: requests of the time before the window, handed to the
-    engine as what it has seen (a policy that learns from history learns from them).
+    engine as what it has seen (a policy that learns from history learns from them); with
+    negative times they are placed as they are, else as whole weeks ending at the window.
+    ``start_wall``: the window's start on the wall clock (default: a Monday 00:00 UTC).
     """
-    clock = VirtualClock(wall_start=MONDAY)
+    clock = VirtualClock(wall_start=start_wall)
     cloud = SimCloud(clock)
     store = Store.memory()
     machines: list[SimMachine] = []
@@ -124,11 +127,13 @@ async def replay(
     window = window_s if window_s is not None else max(DAY, math.ceil(last / DAY) * DAY)
     engine = Engine(config, cloud, store, clock=clock, nodes=cloud.node)
     if history:
-        # The history ends where the window begins, on the same day of the week.
-        span = max(DAY, math.ceil(max(r.arrival_s for r in history) / DAY) * DAY)
-        before = math.ceil(span / (7 * DAY)) * 7 * DAY
-        engine.learn_from((r.model, MONDAY - before + r.arrival_s,
-                           MONDAY - before + r.arrival_s + r.service_s) for r in history)
+        before = 0.0
+        if min(r.arrival_s for r in history) >= 0:
+            # Whole weeks that end where the window begins, on the same day of the week.
+            span = max(DAY, math.ceil(max(r.arrival_s for r in history) / DAY) * DAY)
+            before = math.ceil(span / (7 * DAY)) * 7 * DAY
+        engine.learn_from((r.model, start_wall - before + r.arrival_s,
+                           start_wall - before + r.arrival_s + r.service_s) for r in history)
     await engine.start()
     caller = _Callers(engine, clock)
     feeder = asyncio.ensure_future(caller.feed(requests))

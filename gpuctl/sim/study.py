@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from gpuctl.config import SECTIONS, Config
 from gpuctl.errors import ConfigError, UsageError
-from gpuctl.sim.replay import FleetSpec, GpuSpec, Outcome, describe, replay
+from gpuctl.sim.replay import MONDAY, FleetSpec, GpuSpec, Outcome, describe, replay
 from gpuctl.sim.workload import Request
 from gpuctl.store import Store
 
@@ -158,7 +158,8 @@ def _label(overrides: dict[str, str]) -> str:
 async def run_study(
     base: Config, requests: Sequence[Request], fleet: FleetSpec, grid: Sequence[dict[str, str]],
     *, source: str, history: Sequence[Request] = (), notes: Sequence[str] = (),
-    credits_per_gpu_hour: float | None = None,
+    credits_per_gpu_hour: float | None = None, start_wall: float = MONDAY,
+    window_s: float | None = None,
 ) -> StudyResult:
     """Replay ``requests`` under the current config and each setting of ``grid``."""
     entries: list[tuple[dict[str, str], Config, bool]] = []
@@ -171,7 +172,8 @@ async def run_study(
     results: list[SettingResult] = []
     window_hours = 0.0
     for overrides, config, is_current in entries:
-        outcome = await replay(requests, config, fleet, history=history)
+        outcome = await replay(requests, config, fleet, history=history,
+                               start_wall=start_wall, window_s=window_s)
         window_hours = outcome.window_hours
         results.append(_result(_label(overrides), overrides, is_current, outcome,
                                credits_per_gpu_hour))

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpuctl.errors import UsageError
+from gpuctl.store.ledger import RequestRow
 
 __all__ = [
     "DAY",
@@ -38,6 +39,7 @@ __all__ = [
     "SHAPES",
     "WEEK",
     "Request",
+    "from_request_log",
     "read_trace",
     "synthetic_week",
 ]
@@ -134,6 +136,16 @@ def _name(raw: str | None, origin: str, line: int, column: str) -> str:
         raise UsageError(f"{origin}, line {line}: {column} must be 1-{MAX_NAME} printable "
                          f"characters (got {raw!r})")
     return value
+
+
+def from_request_log(rows: Iterable[RequestRow], start: float) -> list[Request]:
+    """The ledger's request rows as a workload, times relative to ``start`` (wall seconds;
+    rows before it get negative times: history). Refused requests never reached a GPU and
+    are left out; a request cut short (error, cancelled) counts for the time it held one."""
+    return sorted(
+        Request(row.at - start, row.user, row.model, max(0.0, row.service_s), row.tokens_out)
+        for row in rows if row.outcome != "refused" and row.model
+    )
 
 
 def write_trace(requests: Iterable[Request]) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from gpuctl.store import Store
+from gpuctl.store.ledger import RequestRow
 
 from .conftest import Gpuctl
 
@@ -72,8 +74,7 @@ def test_the_fleet_comes_from_the_store_when_it_knows_one(
     assert 60 <= data["settings"][0]["wait_max_s"] <= 67  # 60 s resume + 5 s Ollama start
 
 
-def test_no_workload_or_two_is_a_usage_error(gpuctl: Gpuctl, tmp_path: Path) -> None:
-    assert gpuctl("simulate").exit_code == 2
+def test_two_workloads_are_a_usage_error(gpuctl: Gpuctl, tmp_path: Path) -> None:
     both = gpuctl("simulate", "--sample", "--trace", trace_file(tmp_path))
     assert both.exit_code == 2 and "one workload" in both.stderr
 
@@ -118,3 +119,41 @@ def test_credits_follow_the_configured_price(gpuctl: Gpuctl, tmp_path: Path) -> 
     assert data["saved_credits"] == pytest.approx(2.5 * saved, abs=0.01)
     assert "credits" in gpuctl("simulate", "--trace", trace_file(tmp_path), "--gpus", "1",
                                "--set", "timing.reservation_minutes=5").stdout
+
+
+def log_requests(home: Path, ago: list[float], *, refused: int = 0) -> None:
+    """Rows in the request log, ``ago`` seconds before now, as the gateway writes them."""
+    now = time.time()
+    store = Store.open(home / "state")
+    store.save_models("ws-a", [{"name": "llama3.2:latest", "model": "llama3.2:latest"}], 0)
+    store.record_resume("ws-a", 65.0, ok=True, at=0)
+    for n, seconds in enumerate(ago):
+        at = now - seconds
+        store.ledger.add_request(RequestRow(
+            at=at, key_id="k1", user="alice", route="/api/chat", model="llama3.2:latest",
+            gpu_id="ws-a", status=200, served_at=at, service_s=20.0, tokens_out=100,
+            outcome="refused" if n < refused else "ok"))
+    store.close()
+
+
+def test_the_request_log_is_the_default_workload(gpuctl: Gpuctl, gpuctl_home: Path) -> None:
+    log_requests(gpuctl_home, [3 * 86_400 - i * 240 for i in range(15)] + [30 * 86_400],
+                 refused=2)
+    result = gpuctl("simulate", "--set", "timing.reservation_minutes=5", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["source"] == "request log since 7d"
+    assert data["requests"] == 13  # 15 in the window, 2 of them refused; one a month ago
+    assert data["window_hours"] == pytest.approx(7 * 24, abs=0.1)
+    assert data["gpus"] == 1
+    assert data["recommended"] == "lease 5 min"
+    recent = gpuctl("simulate", "--since", "2d", "--json")
+    assert recent.exit_code == 2 and recent.stdout == ""  # nothing in the last two days
+
+
+def test_an_empty_request_log_says_what_to_do_instead(gpuctl: Gpuctl) -> None:
+    result = gpuctl("simulate", "--since", "1d")
+    assert result.exit_code == 2
+    assert "no served requests since 1d" in result.stderr and "--sample" in result.stderr
+    assert gpuctl("simulate", "--since", "yesterday-ish").exit_code == 2
+    assert gpuctl("simulate", "--since", "7d", "--sample").exit_code == 2

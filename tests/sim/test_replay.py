@@ -128,3 +128,17 @@ async def test_a_study_marks_the_front_and_recommends_the_cheapest_no_worse_for_
     assert saved == pytest.approx(5 / 60, abs=0.01)  # a 10-min lease idles 5 min longer
     assert "Switch to lease 5 min" in result.verdict
     assert result.window_hours == 24 and result.requests == 15 and DAY == 86_400
+
+
+async def test_history_before_the_window_reaches_the_adaptive_policy() -> None:
+    # Eight days of a question every two hours: the adaptive policy learns that nobody
+    # comes back soon and pauses after a minute; the fixed lease keeps the GPU 10 minutes.
+    history = [Request(-n * 7200.0, "alice", "m:latest", 10) for n in range(96, 0, -1)]
+    one = [Request(0, "alice", "m:latest", 10)]
+    fixed = await replay(one, lease(10), ONE, history=history)
+    adaptive = await replay(one, Config.model_validate(
+        {"timing": {"reservation_minutes": 10, "pause_policy": "adaptive"}}), ONE,
+        history=history)
+    assert fixed.gpu_hours * 3600 > 790
+    assert adaptive.gpu_hours * 3600 < 300
+    assert fixed.cold_waits == adaptive.cold_waits == 1
