@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 
 #: How often the background loop rolls up request rows past ``ledger.keep_days``.
 RETENTION_EVERY_SECONDS = 3600.0
+#: How far back the request log feeds the adaptive pause policy at start.
+POLICY_HISTORY_SECONDS = 28 * 86_400.0
 #: A load shorter than this was a warm hit, not a load worth learning from.
 LOAD_SECONDS = 0.5
 
@@ -158,6 +160,14 @@ class Engine:
             seconds = record.seconds or reservation_seconds(self.config)
             self._leases.hold(record.gpu_id, record.user, now + record.expires_at - wall, seconds)
         self._saved_leases = self._leases.version
+        if self._policy.adaptive:
+            # The request log is the pause policy's memory across restarts.
+            self.learn_from(
+                (row.model, start, start + row.service_s)
+                for row in self.store.requests(wall - POLICY_HISTORY_SECONDS, wall)
+                if row.outcome != "refused" and row.service_s > 0
+                for start in (row.served_at or row.at,)
+            )
         self._meter.start()
         self._budgets.refresh(force=True)
         try:

@@ -16,6 +16,7 @@ from gpuctl.engine.pausepolicy import (
     _in_windows,
     learn,
 )
+from gpuctl.store.ledger import RequestRow
 
 from .world import Fleet
 
@@ -207,3 +208,16 @@ async def test_a_habit_seen_two_weeks_running_finds_a_warm_gpu(fleet: Fleet) -> 
     ticket = await engine.acquire("llama3.2", "bob")
     assert ticket.waited_seconds == 0
     engine.release(ticket)
+
+
+async def test_the_request_log_is_the_policys_memory_across_restarts(fleet: Fleet) -> None:
+    fleet.configure(timing={"pause_policy": "adaptive"})
+    fleet.cloud.add("gpu-a", status="running")
+    for start in (wall for _, wall, _ in history(fleet, every=2 * HOUR, days=8)):
+        fleet.store.ledger.add_request(RequestRow(
+            at=start, key_id="k", user="alice", route="/api/chat", model="llama3.2:latest",
+            gpu_id="x", status=200, served_at=start, service_s=10.0))
+    engine = await fleet.start()
+    engine.release(await engine.acquire("llama3.2", "alice"))
+    await fleet.advance(80)
+    assert fleet.cloud.total_pauses == 1  # learnt: nobody comes back soon; not the lease
