@@ -100,9 +100,12 @@ class Engine:
         clock: Clock | None = None,
         nodes: NodeFactory | None = None,
         observe_fleet: bool = True,
+        cost_meter: bool = True,
     ) -> None:
         """``observe_fleet=False``: an engine for one CLI command, which records on the
-        ledger only the actions it takes (the gateway keeps the record of the fleet)."""
+        ledger only the actions it takes (the gateway keeps the record of the fleet).
+        ``cost_meter=False``: no running cost counters (a replay, which reads its costs
+        from the simulated cloud and would spend most of its time attributing)."""
         self.config = config
         self.cloud = cloud
         self.store = store
@@ -118,6 +121,7 @@ class Engine:
         self._reporting = asyncio.Lock()
         self._retired_at = float("-inf")
         timing = config.timing
+        self._cost_meter = cost_meter
         self._meter = CostMeter(store, self.clock, wake_seconds=(
             timing.startup_timeout_seconds + timing.ollama_readiness_wait_seconds))
         self._budgets = Budgets(store, self.clock, self._meter)
@@ -222,7 +226,8 @@ class Engine:
             self._announcer.tell_positions(model)
             self._waker.ensure_supply(model)
         self._persist()
-        self._meter.advance(self._oldest_open())
+        if self._cost_meter:
+            self._meter.advance(self._oldest_open())
         self._budgets.refresh()
         if self._observe_fleet and now - self._retired_at >= RETENTION_EVERY_SECONDS:
             self._retired_at = now

@@ -125,7 +125,7 @@ async def replay(
         store.record_resume(machine.id, spec.resume_s + spec.ollama_s, ok=True, at=0)
     last = max((r.arrival_s + r.service_s for r in requests), default=0.0)
     window = window_s if window_s is not None else max(DAY, math.ceil(last / DAY) * DAY)
-    engine = Engine(config, cloud, store, clock=clock, nodes=cloud.node)
+    engine = Engine(config, cloud, store, clock=clock, nodes=cloud.node, cost_meter=False)
     if history:
         before = 0.0
         if min(r.arrival_s for r in history) >= 0:
