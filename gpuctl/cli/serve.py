@@ -2,10 +2,11 @@
 
 The order matters for a server that nobody watches: the cloud provider is built first, so a
 missing SURF token fails at once with exit 4 (never a prompt, never a half-started server);
-then the socket is bound (a port in use fails before the engine starts); then Hypercorn runs
-the app, whose ``before_serving`` starts the engine. SIGTERM or SIGINT stops accepting,
-lets streams in flight finish for up to ``GRACE_SECONDS``, stops the engine (which persists
-its state) and exits 0 (SIGTERM) or 130 (SIGINT, Ctrl-C), as the exit-code table says.
+then the socket is bound (a port in use fails before the engine starts); then granian serves
+the app in this process's loop, and its ``before_serving`` starts the engine. SIGTERM or
+SIGINT stops accepting, lets streams in flight finish for up to ``GRACE_SECONDS``, stops the
+engine (which persists its state) and exits 0 (SIGTERM) or 130 (SIGINT, Ctrl-C), as the
+exit-code table says.
 
 ``--demo`` serves the simulated fleet of ``gpuctl.sim.demo`` instead: no credentials are
 looked for and no state of the user's is opened (the demo has its own key store in a temp
@@ -20,7 +21,7 @@ import contextlib
 import signal
 import socket
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from gpuctl.cli.context import AppContext
     from gpuctl.cloud.base import CloudProvider
     from gpuctl.config import Config
+    from gpuctl.gateway.app import GatewayApp
+    from gpuctl.gateway.server import ServerSettings
 
 __all__ = ["GRACE_SECONDS", "run_gateway", "serve", "stop_on_signals"]
 
@@ -165,26 +168,29 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[list[signal.Signals]]:
             loop.remove_signal_handler(sig)
 
 
-async def run_gateway(app: Any, sock: socket.socket, *,
-                      shutdown: asyncio.Event | None = None) -> list[signal.Signals]:
+async def run_gateway(app: GatewayApp, sock: socket.socket, *,
+                      shutdown: asyncio.Event | None = None,
+                      settings: ServerSettings | None = None) -> list[signal.Signals]:
     """Serve ``app`` on ``sock`` until SIGTERM/SIGINT, then drain and stop. A caller that
     passes ``shutdown`` owns the signals (see ``stop_on_signals``): serving ends when it is set.
 
-    The socket goes to the gateway's lean front (hot inference routes), which hands every
-    other request to Hypercorn running the Quart app (see ``gpuctl.gateway.front``).
+    granian serves the app (``gpuctl.gateway.server``); the whole shutdown sequence is here.
     """
-    from gpuctl.gateway.front import serve_front
+    from gpuctl.gateway.server import GatewayServer
 
-    async def until(stop: asyncio.Event) -> None:
-        await stop.wait()
-        app.closing()  # open status pages would otherwise hold the drain for its grace
-
-    if shutdown is None:
-        stop = asyncio.Event()
-        with stop_on_signals(stop) as received:
-            await serve_front(app, sock, lambda: until(stop), grace=GRACE_SECONDS,
-                              max_body=app.gw.max_body)
-        return received
-    await serve_front(app, sock, lambda: until(shutdown), grace=GRACE_SECONDS,
-                      max_body=app.gw.max_body)
-    return []  # the caller owns the signals
+    stop = shutdown or asyncio.Event()
+    received: list[signal.Signals] = []  # stays empty when the caller owns the signals
+    with contextlib.ExitStack() as stack:
+        if shutdown is None:
+            received = stack.enter_context(stop_on_signals(stop))
+        server = GatewayServer(app, sock, settings)
+        await server.start()  # the engine starts; its start error is raised here
+        try:
+            await stop.wait()
+        finally:
+            # Shutdown, in this order:
+            server.stop_accepting()             # 1. no new connections
+            app.closing()                       # 2. end the status pages' live streams
+            await server.finish(GRACE_SECONDS)  # 3. requests in flight finish, or are ended
+            await server.closed()               # 4. the engine stops and persists its state
+    return received

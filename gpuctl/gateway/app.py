@@ -5,7 +5,8 @@ more than the whole per-request budget, so ``GatewayApp`` looks at the path firs
 inference routes (``proxy.HOT_ROUTES``) and ``/`` are answered by raw ASGI code, everything
 else (listings, management, admin API, metrics, and the lifespan events) goes to Quart. Quart's
 ``before_serving``/``after_serving`` own the engine's start and stop and the shared
-connection pool, so ``hypercorn`` (or ``gpuctl serve``) drives the whole lifecycle.
+connection pool, so the server's lifespan events (``gateway/server.py``) drive the whole
+lifecycle.
 """
 
 from __future__ import annotations
@@ -45,13 +46,22 @@ def _needs_admin(path: str, method: str) -> bool:
 
 
 class GatewayApp:
-    """The ASGI callable Hypercorn serves; ``quart`` is the app behind the hot path."""
+    """The ASGI callable granian serves; ``quart`` is the app behind the hot path."""
 
     def __init__(self, gw: Gateway, quart: Quart) -> None:
         self.gw = gw
         self.quart = quart
         # Quart types its ASGI arguments precisely; ours are the generic ASGI mappings.
         self._quart_asgi: Callable[[Scope, Receive, Send], Awaitable[None]] = cast(Any, quart)
+        #: Requests in flight, so a shutdown past its grace period can end them.
+        self._requests: set[asyncio.Task[Any]] = set()
+
+    def cancel_requests(self) -> int:
+        """Cancel every request still running (shutdown, after the grace period)."""
+        running = [task for task in self._requests if not task.done()]
+        for task in running:
+            task.cancel()
+        return len(running)
 
     def closing(self) -> None:
         """Serving is about to stop (the server calls this as its drain begins): end what
@@ -60,19 +70,30 @@ class GatewayApp:
         parts.watch.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path = scope["path"]
-            route = HOT_ROUTES.get(path)
-            if route is not None:
-                await handle(self.gw, route, scope, receive, send)
-                return
-            if path == "/":
-                method = scope["method"]
-                if method in ("GET", "HEAD"):
-                    await reply(send, 200, b"Ollama is running", TEXT_CT, head=method == "HEAD")
-                else:
-                    await reply(send, 405, b"405 method not allowed", TEXT_CT)
-                return
+        if scope["type"] != "http":
+            await self._quart_asgi(scope, receive, send)
+            return
+        task = asyncio.current_task()
+        assert task is not None  # granian runs each request in an asyncio task
+        self._requests.add(task)
+        try:
+            await self._http(scope, receive, send)
+        finally:
+            self._requests.discard(task)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        route = HOT_ROUTES.get(path)
+        if route is not None:
+            await handle(self.gw, route, scope, receive, send)
+            return
+        if path == "/":
+            method = scope["method"]
+            if method in ("GET", "HEAD"):
+                await reply(send, 200, b"Ollama is running", TEXT_CT, head=method == "HEAD")
+            else:
+                await reply(send, 405, b"405 method not allowed", TEXT_CT)
+            return
         await self._quart_asgi(scope, receive, send)
 
 
@@ -111,7 +132,7 @@ def _install_lifecycle(quart: Quart, gw: Gateway) -> None:
             try:
                 await gw.engine.start()
             except GpuctlError as exc:
-                # Not raised through Hypercorn (it would wrap it and log a traceback): kept
+                # Not raised through the server (it would log a traceback): kept
                 # for `serve`, which reports it (a rejected token still exits 4, with a hint).
                 gw.startup_error = exc
                 return

@@ -408,7 +408,7 @@ class _Call:
         await self._end()
 
     async def _end(self) -> None:
-        """The last send: from here on, Hypercorn's ``http.disconnect`` is the normal close."""
+        """The last send: from here on, the server's ``http.disconnect`` is the normal close."""
         self.finished = True
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 

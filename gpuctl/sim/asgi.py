@@ -1,7 +1,7 @@
 """What every simulated server shares: the ASGI types and an answer to the lifespan protocol.
 
 The simulated nodes and cloud are raw ASGI apps (no framework, so they stay fast enough to
-benchmark the gateway against); Hypercorn opens each with a lifespan exchange first.
+benchmark the gateway against); the server opens each with a lifespan exchange first.
 """
 
 from __future__ import annotations

@@ -1,48 +1,38 @@
-"""Run an ASGI app under Hypercorn on a real loopback socket, for tests, benchmarks and the demo.
+"""Run an ASGI app under granian on a real loopback socket, for tests, benchmarks and the demo.
 
-The socket is bound before Hypercorn starts (port 0, so the OS picks a free port), which
-means the URL is known at once and there is no race for a port. ``running`` serves inside
-the current event loop; ``ServerThread`` serves from a thread of its own, for synchronous
-callers such as Typer's test runner or the real ``ollama.Client``.
+The same embedded granian server as the gateway (``gpuctl.gateway.server.EmbeddedServer``),
+so the simulated nodes and cloud speak HTTP through proven code too. The socket is bound
+before granian starts (port 0, so the OS picks a free port), which means the URL is known at
+once and there is no race for a port. ``running`` serves inside the current event loop;
+``ServerThread`` serves from a thread of its own, for synchronous callers such as Typer's test
+runner or the real ``ollama.Client``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from hypercorn.asyncio import serve
-from hypercorn.config import Config as HypercornConfig
+from gpuctl.gateway.server import EmbeddedServer, ServerSettings
 
-__all__ = ["ServerThread", "bind_loopback", "hypercorn_config", "running"]
+__all__ = ["ServerThread", "bind_loopback", "running", "serve_until"]
+
+#: How long a stopping simulator waits for its open streams before cutting them.
+STOP_SECONDS = 2.0
 
 
-def bind_loopback(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+def bind_loopback(host: str = "127.0.0.1", port: int = 0, backlog: int = 4096) -> socket.socket:
     """A listening TCP socket on loopback; port 0 lets the OS choose."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(backlog)
     sock.set_inheritable(True)
     return sock
-
-
-def hypercorn_config(sock: socket.socket, **options: Any) -> HypercornConfig:
-    """A quiet Hypercorn config serving on ``sock`` (access log off: it costs ~45 %/request)."""
-    config = HypercornConfig()
-    # Hypercorn takes ownership of (and closes) the descriptor it is given: hand it a copy.
-    config.bind = [f"fd://{os.dup(sock.fileno())}"]
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = 1.0
-    for key, value in options.items():
-        setattr(config, key, value)
-    return config
 
 
 def _url(sock: socket.socket) -> str:
@@ -50,20 +40,35 @@ def _url(sock: socket.socket) -> str:
     return f"http://{host}:{port}"
 
 
+def _settings() -> ServerSettings:
+    # A simulator is not under attack: no header timeout to trip a slow test machine.
+    return ServerSettings(header_timeout_seconds=600)
+
+
+async def serve_until(app: Any, sock: socket.socket, stop: asyncio.Event) -> None:
+    """Serve ``app`` on ``sock`` until ``stop`` is set."""
+    server = EmbeddedServer(app, sock, _settings())
+    task = asyncio.ensure_future(server.serve())
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        await server.stop_within(task, STOP_SECONDS)
+
+
 @contextlib.asynccontextmanager
-async def running(app: Any, **options: Any) -> AsyncIterator[str]:
+async def running(app: Any) -> AsyncIterator[str]:
     """Serve ``app`` in this event loop while the block runs; yields its base URL."""
     sock = bind_loopback()
-    shutdown = asyncio.Event()
-    task = asyncio.ensure_future(
-        serve(app, hypercorn_config(sock, **options), shutdown_trigger=shutdown.wait)
-    )
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve_until(app, sock, stop))
     try:
         yield _url(sock)
     finally:
-        shutdown.set()
+        stop.set()
         try:
-            await asyncio.wait_for(task, timeout=5)
+            await asyncio.wait_for(task, timeout=3 * STOP_SECONDS)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             task.cancel()
         sock.close()
@@ -76,9 +81,8 @@ class ServerThread:
     coroutine in the server's loop (to flip simulated state from a synchronous test).
     """
 
-    def __init__(self, app: Any, **options: Any) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.options = options
         self.sock = bind_loopback()
         self.url = _url(self.sock)
         self.loop = asyncio.new_event_loop()
@@ -92,11 +96,7 @@ class ServerThread:
         async def main() -> None:
             self._shutdown = asyncio.Event()
             self._started.set()
-            await serve(
-                self.app,
-                hypercorn_config(self.sock, **self.options),
-                shutdown_trigger=self._shutdown.wait,
-            )
+            await serve_until(self.app, self.sock, self._shutdown)
 
         try:
             self.loop.run_until_complete(main())

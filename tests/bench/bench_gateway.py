@@ -6,9 +6,9 @@ figures; it asserts nothing (a timing never decides a test).
 Setup, as the gateway issue asks: one simulated node that answers non-streamed requests at
 once and streams 32 chunks 50 ms apart; the load generator and the node share CPU 0, the
 gateway process runs alone on CPU 1 (``taskset``). The gateway is the real one: the real
-engine over a ``static`` provider pointing at the node, keys in SQLite, Hypercorn, access
-log off. The load generator is a lean raw-socket HTTP/1.1 client (the gateway's own
-``upstream.Pool``), so it leaves the node as much of CPU 0 as possible.
+engine over a ``static`` provider pointing at the node, keys in SQLite, served by granian as
+``gpuctl serve`` serves it. The load generator is a lean raw-socket HTTP/1.1 client (the
+gateway's own ``upstream.Pool``), so it leaves the node as much of CPU 0 as possible.
 
 Figures (medians of ``--repeats`` runs): non-streaming chat at 1 and 64 connections
 (requests/s, p50/p99 latency); streaming at 1, 8, 64, 512 concurrent streams (time to first
@@ -62,16 +62,17 @@ def _free_port() -> int:
 
 
 def run_node(port: int) -> None:
-    from hypercorn.asyncio import serve
-
     from gpuctl.sim.ollama import SimOllama
-    from gpuctl.sim.servers import bind_loopback, hypercorn_config
+    from gpuctl.sim.servers import bind_loopback, serve_until
 
     _raise_fd_limit()
     node = SimOllama([MODEL], chunks=CHUNKS, interval=INTERVAL)
     sock = bind_loopback(port=port)
-    config = hypercorn_config(sock, keep_alive_timeout=300)
-    asyncio.run(serve(node, config))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        await serve_until(node, sock, asyncio.Event())
+
+    asyncio.run(main())
 
 
 def run_gateway(port: int, node_url: str, home: str) -> None:

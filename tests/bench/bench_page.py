@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gpuctl.config import Config
 from gpuctl.gateway.app import create_app
-from gpuctl.gateway.front import running_gateway
+from gpuctl.gateway.server import running_gateway
 from gpuctl.sim.demo import DemoTimings, demo_fleet
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -6,7 +6,7 @@ two tables; it asserts nothing (a timing never decides a test).
 Why it exists: the project uses httpx, and ``gpuctl/gateway/upstream.py`` hand-rolls an
 HTTP/1.1 client instead. design.md allows that only with figures ("where a client beats
 httpx's pool, say so with figures"); this script produces them. It measures the client side
-alone, no gateway: one simulated Ollama node (``SimOllama`` under Hypercorn, via
+alone, no gateway: one simulated Ollama node (``SimOllama`` under granian, via
 ``gpuctl.sim.servers.running``) runs in a child process pinned to CPU 0, answering at once
 and streaming ``--chunks`` pieces ``--interval`` seconds apart; this process, pinned to CPU 1,
 drives one client variant at a time:
@@ -74,8 +74,8 @@ def run_node(chunks: int, interval: float) -> None:
 
     async def main() -> None:
         node = SimOllama([MODEL], chunks=chunks, interval=interval)
-        # backlog: Hypercorn's default (100) drops SYNs when 512 streams connect at once
-        async with running(node, keep_alive_timeout=300, backlog=4096) as url:
+        # ``running`` listens with a 4,096 backlog: 512 streams connect at once
+        async with running(node) as url:
             print(url, flush=True)
             await asyncio.Event().wait()
 

@@ -98,7 +98,7 @@ def test_json_output_is_pure_json(gpuctl: Gpuctl) -> None:
     assert json.loads(result.stdout)["values"]["server.port"]["value"] == 8000
 
 
-@pytest.mark.parametrize("module", ["quart", "hypercorn", "gpuctl.engine.engine", "httpx",
+@pytest.mark.parametrize("module", ["quart", "granian", "gpuctl.engine.engine", "httpx",
                                     "pydantic", "keyring", "rich.table"])
 def test_importing_the_cli_stays_light(module: str) -> None:
     code = f"import sys, gpuctl.cli.main; print({module!r} in sys.modules)"

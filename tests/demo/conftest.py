@@ -28,7 +28,7 @@ from gpuctl.cli.remote import DEMO_FILE, published_demo
 from gpuctl.config import Config, cache_dir
 from gpuctl.engine.api import GpuView
 from gpuctl.gateway.app import GatewayApp, create_app
-from gpuctl.gateway.front import running_gateway
+from gpuctl.gateway.server import running_gateway
 from gpuctl.sim.demo import DemoFleet, DemoTimings, demo_fleet
 
 #: Whole lifecycles in about a second of real time.
@@ -79,7 +79,7 @@ def start_demo() -> DemoFactory:
             async with running_gateway(gateway) as url:
                 demo = RunningDemo(fleet, url, log, gateway)
                 with published_demo(cache_dir(os.environ) / DEMO_FILE, url, fleet.key):
-                    # The first answer waits for the engine's start (Hypercorn's lifespan).
+                    # The first answer waits for the engine's start (the server's lifespan).
                     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
                         assert (await client.get("/health")).status_code == 200
                     try:

@@ -113,8 +113,7 @@ async def test_unreachable_node_is_502_and_frees_the_slot(make_world: WorldFacto
 async def test_chunked_request_body_is_served_and_disconnect_still_frees_the_slot(
     make_world: WorldFactory,
 ) -> None:
-    # A chunked request body is a framing the front leaves to Hypercorn: the same hot-path
-    # code then runs under Hypercorn's ASGI, watching for the disconnect itself.
+    # A chunked request body: granian hands it to the hot path as several body messages.
     async def body() -> AsyncIterator[bytes]:
         yield b'{"model": "llama3.2",'
         yield b' "stream": true}'

@@ -1,9 +1,9 @@
 """A whole gateway world per test: real sockets on 127.0.0.1, the real engine on a fake clock.
 
 ``World`` holds the simulated cloud (``SimCloud`` on a ``FakeClock``), one simulated Ollama
-server (``SimOllama`` under Hypercorn) per GPU, the real ``Engine``, the key store with an
-admin and a user key, and the gateway itself as ``gpuctl serve`` runs it (its front server,
-Hypercorn and Quart behind). Clients are the real ones
+server (``SimOllama`` under granian) per GPU, the real ``Engine``, the key store with an
+admin and a user key, and the gateway itself as ``gpuctl serve`` runs it (granian, the raw
+hot path and Quart behind it). Clients are the real ones
 (httpx, ``ollama``, ``openai``). Cloud time moves only when a test advances the clock; the
 only real-time waiting is for bytes on loopback sockets, always bounded.
 """
@@ -25,7 +25,7 @@ from gpuctl.config import Config
 from gpuctl.engine.clock import FakeClock
 from gpuctl.engine.engine import Engine
 from gpuctl.gateway.app import GatewayApp, create_app
-from gpuctl.gateway.front import running_gateway
+from gpuctl.gateway.server import running_gateway
 from gpuctl.sim.cloud import SimCloud
 from gpuctl.sim.ollama import SimOllama
 from gpuctl.sim.servers import running
@@ -146,7 +146,7 @@ def world_factory(tmp_path: Path) -> WorldFactory:
             url = await stack.enter_async_context(running_gateway(app))
             world = World(clock, cloud, nodes, engine, keys, store, app, url, admin_key,
                           user_key)
-            # The first request waits for Hypercorn's lifespan startup (the engine's start).
+            # The engine has started: ``running_gateway`` waits for the lifespan startup.
             async with world.client() as c:
                 await c.get("/health")
             try:

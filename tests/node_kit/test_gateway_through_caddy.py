@@ -28,7 +28,7 @@ from gpuctl.config import Config
 from gpuctl.engine.clock import FakeClock
 from gpuctl.engine.engine import Engine
 from gpuctl.gateway.app import create_app
-from gpuctl.gateway.front import running_gateway
+from gpuctl.gateway.server import running_gateway
 from gpuctl.sim.cloud import SimCloud
 from gpuctl.sim.ollama import SimOllama
 from gpuctl.sim.servers import running
@@ -134,7 +134,7 @@ def make_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ChainFactory:
                     async with running_gateway(app) as url:
                         chain = Chain(url, user_key, node, caddy, engine,
                                       node_url.removeprefix("http://"))
-                        async with chain.http() as client:  # Hypercorn's lifespan starts
+                        async with chain.http() as client:  # the lifespan starts
                             await client.get("/health")      # the engine on first request
                         await eventually(lambda: engine.gpu(GPU).state.ready)
                         yield chain

@@ -51,9 +51,9 @@ class Node:
 @pytest.fixture(scope="module")
 def fake_server() -> Iterator[tuple[FakeNode, ServerThread]]:
     fake = FakeNode(chunks=4)
-    # Caddy keeps its upstream connections for minutes; Hypercorn's default 5 s keep-alive
-    # would close one just as Caddy reuses it for the next test's request.
-    server = ServerThread(fake, keep_alive_timeout=600)
+    # Caddy keeps its upstream connections for minutes; granian keeps idle keep-alive
+    # connections open (a short keep-alive would close one just as Caddy reuses it).
+    server = ServerThread(fake)
     server.start()
     yield fake, server
     server.stop()

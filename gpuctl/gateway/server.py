@@ -1,0 +1,198 @@
+"""The gateway's HTTP server: granian (Rust, hyper), embedded in the caller's asyncio loop.
+
+Why granian, and why not our own server any more: the hand-written front server met its
+speed targets, but an attack run found what every proven server already has and ours did
+not (bodies buffered before the key check, no connection cap or fd headroom, no backpressure
+on its piped path). Served by granian in the same benchmark the ``GatewayApp`` measured at
+parity with it (see README "Performance"), so every HTTP/1.1 and HTTP/2 framing rule, TLS,
+the header-read timeout, the backlog and the backpressure are granian's, and this module only
+chooses their settings.
+
+Embedded (``granian.server.embed.Server``) rather than in worker processes: the engine and
+the gateway share one loop and one process, so ``gpuctl serve`` is one process to supervise.
+The listening socket is bound by ``serve`` first (a port in use fails before anything
+starts; port 0 gives a known port in tests) and handed to granian as a duplicate descriptor.
+
+Lifecycle: granian runs the ASGI lifespan, so Quart's ``before_serving``/``after_serving``
+start and stop the engine. ``GatewayServer.stop_accepting`` makes granian stop accepting and
+wait for connections in flight (hyper's graceful shutdown, which has no bound of its own);
+``finish`` bounds that wait by cancelling the requests still running when the grace period
+ends; ``closed`` waits for the lifespan shutdown (the engine persists its state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from granian._granian import SocketHolder
+from granian.constants import HTTPModes, Interfaces, SSLProtocols
+from granian.http import HTTP1Settings, HTTP2Settings
+from granian.server.embed import Server
+
+if TYPE_CHECKING:
+    from gpuctl.gateway.app import GatewayApp
+
+__all__ = ["EmbeddedServer", "GatewayServer", "ServerSettings", "running_gateway"]
+
+log = logging.getLogger(__name__)
+
+#: After the grace period the requests still running are cancelled; this long more is
+#: allowed for their connections to close before the server is stopped the hard way.
+_AFTER_CANCEL_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What granian is told; built from ``server.*`` config by ``from_config``."""
+
+    #: Connections served at once (granian's backpressure): past it, new connections wait
+    #: in the kernel's backlog instead of being accepted.
+    max_connections: int = 4096
+    backlog: int = 4096
+    header_timeout_seconds: float = 15.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+class EmbeddedServer(Server):
+    """granian's embedded server for any ASGI app, serving on a socket bound by the caller."""
+
+    def __init__(self, app: Any, sock: socket.socket, settings: ServerSettings) -> None:
+        http1 = HTTP1Settings(header_read_timeout=int(settings.header_timeout_seconds * 1000))
+        super().__init__(
+            app,
+            interface=Interfaces.ASGI,  # with lifespan: Quart starts and stops the engine
+            http=HTTPModes.auto,
+            websockets=False,
+            backlog=settings.backlog,
+            backpressure=settings.max_connections,
+            http1_settings=http1,
+            http2_settings=HTTP2Settings(max_concurrent_streams=100),
+            log_enabled=False,
+            ssl_cert=settings.tls_cert,
+            ssl_key=settings.tls_key,
+            ssl_protocol_min=SSLProtocols.tls12,
+        )
+        self._fd = os.dup(sock.fileno())  # granian owns (and closes) its copy
+
+    def _init_shared_socket(self) -> None:
+        holder: Any = SocketHolder  # its stub lacks the constructor's arguments
+        self._shd = holder(self._fd, False, self.backlog)
+        self._ssp = None
+
+    def halt(self) -> None:
+        """Stop accepting; granian then waits for the connections in flight."""
+        untyped: Any = self  # granian's methods carry no annotations
+        untyped.stop()
+
+    async def stop_within(self, task: asyncio.Task[None], seconds: float) -> None:
+        """Stop serving (``task`` runs ``serve()``): gracefully for up to ``seconds``, then
+        by cancelling the worker (its lifespan shutdown is then skipped)."""
+        self.halt()
+        await asyncio.wait({task}, timeout=seconds)
+        if not task.done():
+            workers: list[Any] = list(self.wrks)
+            for worker in workers:
+                worker.kill()
+            await asyncio.wait({task}, timeout=seconds)
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved here; the caller reports what matters
+
+
+class GatewayServer:
+    """One granian server for one ``GatewayApp``; see the module docstring for the order."""
+
+    def __init__(self, app: GatewayApp, sock: socket.socket,
+                 settings: ServerSettings | None = None) -> None:
+        self.app = app
+        self.settings = settings or ServerSettings()
+        self._server = EmbeddedServer(app, sock, self.settings)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Serve; return once the engine has started. Raises the engine's start error."""
+        started = asyncio.Event()
+
+        async def opened() -> None:  # registered last: runs once the engine has started
+            started.set()
+
+        self.app.quart.before_serving(opened)
+        self._task = asyncio.ensure_future(self._server.serve())
+        waiter = asyncio.ensure_future(started.wait())
+        await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+        error = self.app.gw.startup_error
+        if error is not None:
+            await self._stop_now()
+            raise error  # the engine's own error (a rejected token still exits 4)
+        if self._task.done():
+            self._task.result()  # granian failed to start: raise its error
+            raise RuntimeError("the HTTP server stopped before it started")
+
+    def stop_accepting(self) -> None:
+        """No new connections; those in flight go on (granian waits for them)."""
+        self._server.halt()
+
+    async def finish(self, grace: float) -> None:
+        """Wait up to ``grace`` s for requests in flight, then cancel those still running."""
+        task = self._task
+        if task is None or task.done():
+            return
+        await asyncio.wait({task}, timeout=grace)
+        if task.done():
+            return
+        cancelled = self.app.cancel_requests()
+        if cancelled:
+            log.warning("stopped %d request(s) still running after %.0f s", cancelled, grace)
+        await asyncio.wait({task}, timeout=_AFTER_CANCEL_SECONDS)
+
+    async def closed(self) -> None:
+        """Wait for the server to end (the lifespan shutdown stops the engine)."""
+        task = self._task
+        if task is None:
+            return
+        if not task.done():
+            # Connections that outlived every bound: stop the worker the hard way, then run
+            # the lifespan shutdown that its cancellation skipped.
+            await self._stop_now()
+            if task.cancelled() or not task.done():
+                await self.app.quart.shutdown()
+            return
+        task.result()
+
+    async def _stop_now(self) -> None:
+        if self._task is not None:
+            await self._server.stop_within(self._task, _AFTER_CANCEL_SECONDS)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(app: GatewayApp, *, grace: float = 5.0,
+                          settings: ServerSettings | None = None) -> AsyncIterator[str]:
+    """Serve a ``GatewayApp`` on a loopback port while the block runs (tests, the demo)."""
+    sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    host, port = sock.getsockname()[:2]
+    server = GatewayServer(app, sock, settings)
+    try:
+        await server.start()
+        try:
+            scheme = "https" if server.settings.tls else "http"
+            yield f"{scheme}://{host}:{port}"
+        finally:
+            server.stop_accepting()
+            await server.finish(grace)
+            await server.closed()
+    finally:
+        sock.close()
