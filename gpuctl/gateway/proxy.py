@@ -4,9 +4,9 @@ Every chat, generate, embed and ``/v1`` inference request passes here, so it is 
 CPU per request and per chunk (design.md "Performance notes"): no framework, one JSON parse
 of the request body (for ``model`` and ``stream``), the body forwarded untouched, the
 upstream bytes relayed as they arrive with no re-encoding, and only the tail of the answer
-parsed for token counts. Under the gateway's front server (``front.py``) a relayed piece
-goes from the node's socket callback straight to the client's socket (``DirectWriter``);
-under any other ASGI server it is one ``send`` per piece.
+parsed for token counts. Pieces that reached the gateway together go out in one ``send``;
+``send`` waits while the client is slow to read, and reading from the node pauses meanwhile
+(``upstream``), so a slow reader costs bounded memory.
 
 The flow: authenticate (O(1) cache) → read the body (413 past ``server.max_body_mb``) →
 ``engine.acquire`` (holds while a GPU wakes or a slot frees; a streaming request hears
@@ -34,9 +34,7 @@ from gpuctl.gateway.auth import AuthError
 from gpuctl.gateway.context import Gateway
 from gpuctl.gateway.notices import Notifier, notifier, strip_history
 from gpuctl.gateway.replies import (
-    DIRECT,
     TEXT_CT,
-    DirectWriter,
     Receive,
     Scope,
     Send,
@@ -240,12 +238,7 @@ class _Call:
     async def run(self) -> int:
         task = asyncio.current_task()
         assert task is not None
-        direct: DirectWriter | None = self.scope.get("extensions", {}).get(DIRECT)
-        watcher: asyncio.Future[None] | None = None
-        if direct is not None:
-            direct.on_disconnect(lambda: self._client_left(task))
-        else:
-            watcher = asyncio.ensure_future(self._watch(task))
+        watcher = asyncio.ensure_future(self._watch(task))
         try:
             return await self._run()
         except asyncio.CancelledError:
@@ -254,8 +247,7 @@ class _Call:
             raise
         finally:
             self.finished = True
-            if watcher is not None:
-                watcher.cancel()
+            watcher.cancel()
 
     # -- the request -------------------------------------------------------------------
 
@@ -336,33 +328,16 @@ class _Call:
             int(response.header(b"content-length") or b"0") <= _USAGE_BODY_LIMIT
         pieces: list[bytes] = []
         prev = tail = b""
-        direct: DirectWriter | None = self.scope.get("extensions", {}).get(DIRECT)
         try:
-            if direct is not None and response.relayable:
-                # The fast way: pieces go from the node's socket callback to the client's.
-                write = direct.write_piece
+            async for piece in response.chunks():
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
                 if keep:
-                    def sink(piece: bytes) -> None:
-                        pieces.append(piece)
-                        write(piece)
+                    pieces.append(piece)
                 else:
-                    sink = write
-                direct.set_flow(response)
-                try:
-                    prev, tail = await response.relay(sink)
-                finally:
-                    direct.set_flow(None)
-            else:
-                async for piece in response.chunks():
-                    await send({"type": "http.response.body", "body": piece,
-                                "more_body": True})
-                    if keep:
-                        pieces.append(piece)
-                    else:
-                        prev, tail = tail, piece
+                    prev, tail = tail, piece
         except UpstreamError as exc:
             reason = f"{ticket.gpu_name}: {exc}"
-            tail = tail or response.last_piece()
+            tail = pieces[-1] if keep and pieces else tail
             await self._end_broken(tail, f"GPU {ticket.gpu_name} failed mid-stream: {exc}")
             return status, None, reason
         await self._end()

@@ -11,13 +11,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Protocol
+from typing import Any
 
 __all__ = [
-    "DIRECT",
     "JSON_CT",
-    "DirectWriter",
-    "FlowControl",
     "Receive",
     "Scope",
     "Send",
@@ -33,28 +30,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-#: The scope extension under which the gateway's front server offers a ``DirectWriter``.
-DIRECT = "gpuctl.direct"
-
 JSON_CT = b"application/json; charset=utf-8"
-
-
-class FlowControl(Protocol):
-    def pause(self) -> None: ...
-    def resume(self) -> None: ...
-
-
-class DirectWriter(Protocol):
-    """What the front server offers beside ASGI ``send``: a synchronous body write, so a
-    relayed chunk goes from the node's socket callback to the client's socket with no task
-    switch. Only after ``http.response.start`` and before the final ``send``."""
-
-    def write_piece(self, piece: bytes) -> None: ...
-    def set_flow(self, flow: FlowControl | None) -> None: ...
-    def on_disconnect(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` if the client goes away before the response ends (saves the
-        task that would otherwise wait on ``receive`` for ``http.disconnect``)."""
-        ...
 TEXT_CT = b"text/plain; charset=utf-8"
 
 _OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 401: "authentication_error",

@@ -1,12 +1,15 @@
-"""A lean HTTP/1.1 client to the GPU nodes, with an O(1) keep-alive pool.
+"""A lean HTTP/1.1 client to the GPU nodes: an O(1) keep-alive pool, llhttp as the parser.
 
 Why not httpx's own pool: httpcore 1.0's pool rescans every pooled connection when a request
 starts and ends, so its cost grows with concurrency (7-12 ms per request at 64 connections,
 stream timeouts at 512; see design.md "Performance notes"). Here each origin keeps a plain
-deque of idle connections: take one from the right, put it back on the right, O(1). The
-framing is parsed directly in an ``asyncio.Protocol`` (no h11, no anyio, no StreamReader),
-because per relayed chunk every await counts: ``UpstreamResponse.relay`` hands each body
-piece on from ``data_received`` itself.
+deque of idle connections: take one from the right, put it back on the right, O(1).
+Responses are parsed by llhttp (``httptools``, the parser uvicorn and Node.js use) inside an
+``asyncio.Protocol`` (no h11, no anyio, no StreamReader): one maintained framing
+implementation, strict where a hand-written one was not (a chunk size of ``-6``, ``+5`` or
+``5_0``, a bare CR or LF in a header value, two ``Content-Length`` headers are all refused),
+interim 1xx responses skipped, and a body cut short by the node an ``UpstreamError``, never a
+short answer passed off as whole.
 
 Measured with ``tests/bench/bench_upstream.py`` (the client alone on one core, ``SimOllama``
 on the other, medians of 3 on a shared, noisy 2-core machine): client CPU per non-streamed
@@ -30,11 +33,12 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
+import httptools
 import httpx
 
 __all__ = ["Origin", "Pool", "PoolTransport", "UpstreamError", "UpstreamResponse"]
@@ -44,7 +48,8 @@ HOP_HEADERS = frozenset({
     b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
     b"proxy-connection", b"proxy-authenticate", b"date", b"server",
 })
-_READ_LIMIT = 1 << 20  # longest header block or chunk-size line we accept
+_HEAD_LIMIT = 64 * 1024  # longest response head we accept (llhttp itself has no limit)
+_HIGH_WATER = 1 << 20  # body bytes waiting for the client before reading from the node pauses
 
 
 class UpstreamError(Exception):
@@ -81,21 +86,55 @@ class Origin:
 
 
 class _Conn(asyncio.Protocol):
-    """One keep-alive connection to a node: a protocol with its own buffer.
+    """One keep-alive connection to a node, its responses parsed by llhttp (``httptools``).
 
-    Reading is done two ways. ``read_until``/``read_some`` await data (head and body for
-    the general path). ``relay`` switches the connection to callbacks: each body piece is
-    handed to a sink from ``data_received`` itself, with no task switch per chunk, which is
-    what keeps the gateway's per-chunk cost low.
+    The parser's callbacks fill in the current response: the head (``head_ready`` resolves
+    once it is in; interim 1xx heads are skipped, never taken for the answer), then body
+    pieces into ``pieces`` for ``UpstreamResponse.chunks`` to take. Reading pauses while
+    more than ``_HIGH_WATER`` bytes wait (a slow client never makes the gateway hold a whole
+    answer). Whatever llhttp refuses (bad chunk sizes, CR or LF inside a header value, two
+    lengths, bytes after the body) fails the response and closes the connection.
+
+    A connection goes back to the pool only when its response ended by its own framing,
+    the node did not ask to close, and not one byte followed it.
     """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self.parser = httptools.HttpResponseParser(self)
         self.lost = False
-        self.error: Exception | None = None
+        self.received = False  # any byte of the current response
+        self.error: UpstreamError | None = None
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.in_head = True
+        self.head_only = False  # a HEAD request: the response has no body to read
+        self.until_eof = False  # no Content-Length, not chunked: the body ends at close
+        self.complete = False
+        self.reusable = False
+        self.pieces: list[bytes] = []
+        self.buffered = 0
+        self.paused = False
+        self.head_ready: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self.relay: _RelayParser | None = None
+
+    def begin(self, method: str) -> asyncio.Future[None]:
+        """Prepare for the response to a request about to be written."""
+        self.received = False
+        self.error = None
+        self.status = 0
+        self.headers = []
+        self.head_size = 0
+        self.in_head = True
+        self.head_only = method == "HEAD"
+        self.until_eof = False
+        self.complete = False
+        self.reusable = False
+        self.pieces = []
+        self.buffered = 0
+        self.head_ready = asyncio.get_running_loop().create_future()
+        return self.head_ready
 
     # -- asyncio callbacks --------------------------------------------------------------
 
@@ -104,66 +143,119 @@ class _Conn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        relay = self.relay
-        if relay is not None:
-            relay.feed(data)
+        self.received = True
+        if self.complete or self.error is not None:
+            self._spoilt()
             return
-        self.buffer += data
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self.in_head:
+            # llhttp keeps a header's partial value itself, with no bound: count the head here.
+            self.head_size += len(data)
+            if self.head_size > _HEAD_LIMIT:
+                self._fail(f"node sent a response head over {_HEAD_LIMIT} bytes")
+                return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self.complete:
+                self._spoilt()
+            else:
+                self._fail(f"node sent a bad response: {exc}")
+
+    def _spoilt(self) -> None:
+        """Bytes after a complete response (we never pipeline): never reuse this one."""
+        self.reusable = False
+        self.close()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self.error = exc
+        if self.complete or self.error is not None:
+            return
+        if self.until_eof and not self.in_head:
+            self.complete = True  # the close is the end of this body
+            self._wake()
+            return
+        detail = f": {_describe(exc)}" if exc is not None else ""
+        self._fail(f"connection closed early{detail}")
+
+    # -- llhttp callbacks -----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_head:  # after the head: trailers, not relayed
+            self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise httptools.HttpParserError("node switched protocols")
+            self.headers = []  # interim (100 Continue, 103 Early Hints): wait for the answer
+            return
+        self.status = status
+        self.in_head = False
+        framed = any(name == b"content-length" or (name == b"transfer-encoding"
+                                                   and b"chunked" in value.lower())
+                     for name, value in self.headers)
+        self.until_eof = not framed and status not in (204, 304) and not self.head_only
+        if self.head_only:
+            self.complete = True  # llhttp would wait for the body a HEAD answer never has
+        ready = self.head_ready
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self.head_only:
+            return
+        self.pieces.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.in_head:
+            return  # the end of an interim response
+        self.complete = True
+        self.reusable = self.parser.should_keep_alive() and not self.head_only
+        self._wake()
+
+    # -- for the response -----------------------------------------------------------------
+
+    def _fail(self, message: str) -> None:
+        if self.error is None:
+            self.error = UpstreamError(message, sent=self.received)
+        ready = self.head_ready
+        if ready is not None and not ready.done():
+            ready.set_exception(self.error)
+            ready.exception()  # retrieved: the caller reads it from ``error`` if it left
+        self.close()
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if self.relay is not None:
-            self.relay.lost()
 
-    # -- reading --------------------------------------------------------------------------
+    def take(self) -> bytes:
+        """The body bytes received so far (reading resumes if it was paused)."""
+        pieces = self.pieces
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self.pieces = []
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
 
-    async def _wait(self) -> None:
-        if self.lost:
-            raise asyncio.IncompleteReadError(bytes(self.buffer), None)
+    async def wait(self) -> None:
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter
         finally:
             self._waiter = None
-
-    async def read_until(self, separator: bytes, limit: int = _READ_LIMIT) -> bytes:
-        while True:
-            at = self.buffer.find(separator)
-            if at >= 0:
-                end = at + len(separator)
-                data = bytes(self.buffer[:end])
-                del self.buffer[:end]
-                return data
-            if len(self.buffer) > limit:
-                raise ValueError("line or header block too long")
-            await self._wait()
-
-    async def read_exactly(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            await self._wait()
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        return data
-
-    async def read_some(self, most: int) -> bytes:
-        """Up to ``most`` bytes; ``b""`` at the end of the stream."""
-        while not self.buffer:
-            if self.lost:
-                return b""
-            await self._wait()
-        data = bytes(self.buffer[:most])
-        del self.buffer[:most]
-        return data
 
     def write(self, data: bytes) -> None:
         if self.transport is None or self.lost:
@@ -171,7 +263,7 @@ class _Conn(asyncio.Protocol):
         self.transport.write(data)
 
     def usable(self) -> bool:
-        return (self.transport is not None and not self.lost and not self.buffer
+        return (self.transport is not None and not self.lost and self.error is None
                 and not self.transport.is_closing())
 
     def close(self) -> None:
@@ -179,137 +271,22 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
-class _RelayParser:
-    """Chunked or fixed-length body framing, parsed in ``data_received``; pieces to a sink."""
-
-    def __init__(self, conn: _Conn, mode: str, left: int, sink: Callable[[bytes], None],
-                 done: asyncio.Future[None]) -> None:
-        self.conn = conn
-        self.chunked = mode == "chunked"
-        self.left = left
-        self.sink = sink
-        self.done = done
-        self.buf = bytearray()
-        self.size = -1  # bytes of the current chunk still expected (+2 for its CRLF)
-        self.trailers = False
-        #: The last two pieces, for the usage figures of the answer's final line.
-        self.prev = b""
-        self.last = b""
-
-    def feed(self, data: bytes) -> None:
-        if self.done.done():
-            return
-        try:
-            if self.chunked:
-                self._chunked(data)
-            else:
-                self._length(data)
-        except Exception as exc:  # a framing error: the node broke HTTP
-            self._fail(UpstreamError(f"node sent a bad body: {exc}", sent=True))
-
-    def _emit(self, piece: bytes) -> None:
-        self.prev, self.last = self.last, piece
-        self.sink(piece)
-
-    def last_piece(self) -> bytes:
-        return self.last
-
-    def _length(self, data: bytes) -> None:
-        if len(data) > self.left:
-            raise ValueError("more body than Content-Length")
-        self.left -= len(data)
-        if data:
-            self._emit(data)
-        if self.left == 0:
-            self._finish()
-
-    def _chunked(self, data: bytes) -> None:
-        if not self.buf and self.size < 0 and not self.trailers:
-            # Fast path: a read that holds whole chunk frames, the common case for a stream.
-            pos, end = 0, len(data)
-            while True:
-                at = data.find(b"\r\n", pos)
-                if at < 0:
-                    break
-                size = int(data[pos:at].split(b";", 1)[0], 16)
-                stop = at + 2 + size
-                if size == 0 or stop + 2 > end:
-                    break
-                self._emit(data[at + 2:stop])
-                pos = stop + 2
-                if pos == end:
-                    return
-            data = data[pos:]
-        buf = self.buf
-        buf += data
-        while True:
-            if self.trailers:
-                at = buf.find(b"\r\n")
-                if at < 0:
-                    return
-                line = bytes(buf[:at])
-                del buf[:at + 2]
-                if not line:
-                    self._finish()
-                    return
-                continue
-            if self.size < 0:
-                at = buf.find(b"\r\n")
-                if at < 0:
-                    if len(buf) > 1024:
-                        raise ValueError("chunk size line too long")
-                    return
-                size = int(bytes(buf[:at]).split(b";", 1)[0].strip(), 16)
-                del buf[:at + 2]
-                if size == 0:
-                    self.trailers = True
-                    continue
-                self.size = size
-            if len(buf) < self.size + 2:
-                return
-            piece = bytes(buf[:self.size])
-            del buf[:self.size + 2]
-            self.size = -1
-            self._emit(piece)
-
-    def _finish(self) -> None:
-        if self.buf:
-            # bytes after the body on a non-pipelined connection: do not reuse it
-            self.conn.close()
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def _fail(self, error: UpstreamError) -> None:
-        self.conn.close()
-        if not self.done.done():
-            self.done.set_exception(error)
-
-    def lost(self) -> None:
-        if not self.done.done():
-            self._fail(UpstreamError("node connection broke mid-response: connection closed "
-                                     "early", sent=True))
-
-
 class UpstreamResponse:
-    """A response whose body is read as it arrives; close it (or read it all) when done."""
+    """A response whose body is read as it arrives; read it all or close it when done.
 
-    __slots__ = ("_conn", "_left", "_mode", "_origin", "_pool", "_reuse", "headers",
-                 "last_piece", "status")
+    The connection goes back to the pool when ``chunks`` reaches the end of a body that the
+    node framed and did not ask to close; ``aclose`` before that closes the connection.
+    """
 
-    def __init__(self, pool: Pool, origin: Origin, conn: _Conn, status: int,
-                 headers: list[tuple[bytes, bytes]], mode: str, length: int) -> None:
+    __slots__ = ("_conn", "_origin", "_pool", "headers", "status")
+
+    def __init__(self, pool: Pool, origin: Origin, conn: _Conn) -> None:
         self._pool = pool
         self._origin = origin
         self._conn: _Conn | None = conn
-        self.status = status
+        self.status = conn.status
         #: Response headers as received (names lower-cased), hop-by-hop ones dropped.
-        self.headers = headers
-        # "length", "chunked", "eof" or "none"; a "-close" suffix: the node will close after.
-        self._mode, _, close = mode.partition("-")
-        self._reuse = not close
-        self._left = length
-        #: After ``relay`` started: the last piece it handed on (to end a broken stream).
-        self.last_piece: Callable[[], bytes] = lambda: b""
+        self.headers = [(k, v) for k, v in conn.headers if k not in HOP_HEADERS]
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -318,95 +295,30 @@ class UpstreamResponse:
         return None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body, piece by piece as the node sends it (chunked framing removed)."""
+        """The body, as the node sends it (chunked framing removed). Pieces that arrived
+        together come as one. Raises ``UpstreamError`` (``sent=True``) if the node breaks
+        off: a short ``Content-Length`` body, a broken chunk, a close mid-chunk."""
         conn = self._conn
         if conn is None:
             return
-        try:
-            if self._mode == "chunked":
-                while True:
-                    line = await conn.read_until(b"\n")
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                    if size == 0:
-                        while (await conn.read_until(b"\n")).strip():
-                            pass  # trailers: ignored
-                        break
-                    data = await conn.read_exactly(size + 2)
-                    yield data[:-2]
-            elif self._mode == "length":
-                while self._left > 0:
-                    data = await conn.read_some(min(self._left, 65536))
-                    if not data:
-                        raise asyncio.IncompleteReadError(b"", self._left)
-                    self._left -= len(data)
-                    yield data
-            elif self._mode == "eof":
-                while data := await conn.read_some(65536):
-                    yield data
+        while True:
+            if conn.pieces:
+                yield conn.take()
+                continue
+            if conn.error is not None:
                 self._drop()
-                return
-        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-            self._drop()
-            raise UpstreamError(f"node connection broke mid-response: {_describe(exc)}",
-                                sent=True) from None
+                raise conn.error
+            if conn.complete:
+                break
+            await conn.wait()
         self._conn = None
-        if self._reuse:
+        if conn.reusable:
             self._pool._put(self._origin, conn)
         else:
             conn.close()
 
     async def read(self) -> bytes:
         return b"".join([piece async for piece in self.chunks()])
-
-    @property
-    def relayable(self) -> bool:
-        """True when ``relay`` can carry this body (chunked or with a Content-Length)."""
-        return self._conn is not None and self._mode in ("chunked", "length")
-
-    async def relay(self, sink: Callable[[bytes], None]) -> tuple[bytes, bytes]:
-        """Hand every body piece to ``sink`` from the socket callback; return the last two.
-
-        Raises ``UpstreamError`` when the node breaks off. Cancelling closes the connection
-        (the node sees the client go away and stops generating).
-        """
-        conn = self._conn
-        assert conn is not None and self.relayable
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        parser = _RelayParser(conn, self._mode, self._left, sink, done)
-        self.last_piece = parser.last_piece
-        pending = bytes(conn.buffer)
-        conn.buffer.clear()
-        conn.relay = parser
-        if self._mode == "length" and self._left == 0:
-            parser._finish()
-        elif pending:
-            parser.feed(pending)
-        elif conn.lost:
-            parser.lost()
-        try:
-            await done
-        except BaseException:
-            conn.relay = None
-            self._drop()
-            raise
-        conn.relay = None
-        self._conn = None
-        if conn.transport is not None:
-            conn.transport.resume_reading()  # flow control may have paused it at the end
-        if self._reuse and not conn.lost:
-            self._pool._put(self._origin, conn)
-        else:
-            conn.close()
-        return parser.prev, parser.last
-
-    def pause(self) -> None:
-        """Stop reading from the node (the client cannot keep up)."""
-        if self._conn is not None and self._conn.transport is not None:
-            self._conn.transport.pause_reading()
-
-    def resume(self) -> None:
-        if self._conn is not None and self._conn.transport is not None:
-            self._conn.transport.resume_reading()
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -505,68 +417,31 @@ class Pool:
 
     async def _exchange(self, origin: Origin, conn: _Conn, head: bytearray, body: bytes,
                         method: str) -> UpstreamResponse:
+        ready = conn.begin(method)
         try:
             conn.write(bytes(head) + body if len(body) < 65536 else bytes(head))
             if len(body) >= 65536:
                 conn.write(body)
-            block = await conn.read_until(b"\r\n\r\n")
-        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            await ready
+        except UpstreamError as exc:
+            conn.close()
+            if exc.sent:
+                raise
+            raise UpstreamError(f"node {origin.host}:{origin.port} closed the connection: "
+                                f"{exc}") from None
+        except OSError as exc:
             conn.close()
             raise UpstreamError(f"node {origin.host}:{origin.port} closed the connection: "
                                 f"{_describe(exc)}") from None
         except BaseException:
             conn.close()
             raise
-        try:
-            status, headers, mode, length = _parse_head(block, method)
-        except ValueError as exc:
-            conn.close()
-            raise UpstreamError(f"node sent a bad response: {exc}", sent=True) from None
-        return UpstreamResponse(self, origin, conn, status, headers, mode, length)
+        return UpstreamResponse(self, origin, conn)
 
     async def aclose(self) -> None:
         for idle in self._idle.values():
             while idle:
                 idle.pop().close()
-
-
-def _parse_head(block: bytes, method: str) -> tuple[int, list[tuple[bytes, bytes]], str, int]:
-    lines = block.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-        raise ValueError(f"status line {lines[0][:80]!r}")
-    status = int(parts[1])
-    headers: list[tuple[bytes, bytes]] = []
-    chunked = False
-    length = -1
-    close = parts[0] == b"HTTP/1.0"
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise ValueError(f"header line {line[:80]!r}")
-        name = name.strip().lower()
-        value = value.strip()
-        if name == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
-            continue
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"connection":
-            low = value.lower()
-            close = b"close" in low or (close and b"keep-alive" not in low)
-            continue
-        if name not in HOP_HEADERS:
-            headers.append((name, value))
-    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-        return status, headers, "none", 0
-    if chunked:
-        headers = [(k, v) for k, v in headers if k != b"content-length"]
-        return status, headers, "chunked-close" if close else "chunked", 0
-    if length >= 0:
-        return status, headers, "length-close" if close else "length", length
-    return status, headers, "eof", 0
 
 
 class _BodyStream(httpx.AsyncByteStream):

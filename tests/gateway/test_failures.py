@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
 
+import httpx
 import ollama
 import pytest
 
+from .raw_node import OK_CHUNKED, chunked, raw_node
 from .world import GpuSpec, WorldFactory, eventually
 
 
@@ -122,7 +125,8 @@ async def test_chunked_request_body_is_served_and_disconnect_still_frees_the_slo
         node = world.nodes["gpu-1"]
         node.hold_after = 1
         async with world.client() as c, c.stream("POST", "/api/chat", content=body()) as r:
-            assert json.loads(await r.aiter_lines().__anext__())["done"] is False
+            lines = r.aiter_lines()  # kept: a dropped iterator closes the stream
+            assert json.loads(await lines.__anext__())["done"] is False
             assert world.gpu("gpu-1").slots_in_use == 1
         await eventually(lambda: world.gpu("gpu-1").slots_in_use == 0)
         await eventually(lambda: node.cancelled_streams == 1)
@@ -160,3 +164,57 @@ def _refusing_url() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("size", [b"-6", b"+5", b"5_0"])
+async def test_a_node_sending_a_bad_chunk_size_ends_the_stream_and_the_gateway_serves_on(
+    make_world: WorldFactory, size: bytes,
+) -> None:
+    # Hand-parsed, "-6" once looped the event loop forever (int("-6", 16) is accepted).
+    reply = [OK_CHUNKED + chunked(b'{"done":false}\n')[:-5], size + b"\r\nabcdef\r\n0\r\n\r\n"]
+    async with raw_node(reply) as (_, url), \
+            make_world(GpuSpec("gpu-1", url=url)) as world, world.client() as c:
+        r = await asyncio.wait_for(c.post("/api/chat", json={"model": "llama3.2"}), 5)
+        lines = r.text.splitlines()
+        assert lines[0] == '{"done":false}'
+        assert "failed mid-stream" in json.loads(lines[-1])["error"]
+        assert (await asyncio.wait_for(c.get("/health"), 1)).status_code == 200
+        assert world.gpu("gpu-1").slots_in_use == 0
+
+
+async def test_a_node_dying_inside_a_content_length_body_ends_the_client_response_visibly(
+    make_world: WorldFactory,
+) -> None:
+    reply = [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+             b'{"partial":']
+    async with raw_node(reply) as (_, url), \
+            make_world(GpuSpec("gpu-1", url=url)) as world, world.client() as c:
+        # The client must not take a short body for a whole one: it sees the cut.
+        with pytest.raises(httpx.RemoteProtocolError):
+            await asyncio.wait_for(
+                c.post("/api/chat", json={"model": "llama3.2", "stream": False}), 5)
+        assert (await asyncio.wait_for(c.get("/health"), 1)).status_code == 200
+
+
+async def test_a_node_header_with_a_bare_lf_is_never_relayed_as_a_header(
+    make_world: WorldFactory,
+) -> None:
+    reply = [b"HTTP/1.1 200 OK\r\nx-a: one\nset-cookie: evil=1\r\ncontent-length: 2\r\n\r\n{}"]
+    async with raw_node(reply) as (_, url), \
+            make_world(GpuSpec("gpu-1", url=url)) as world, world.client() as c:
+        r = await asyncio.wait_for(
+            c.post("/api/chat", json={"model": "llama3.2", "stream": False}), 5)
+        assert r.status_code == 502
+        assert "set-cookie" not in r.headers
+
+
+async def test_a_node_interim_100_is_not_relayed_as_the_answer(make_world: WorldFactory
+                                                             ) -> None:
+    reply = [b"HTTP/1.1 100 Continue\r\n\r\n",
+             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 13\r\n\r\n"
+             b'{"done":true}']
+    async with raw_node(reply) as (_, url), \
+            make_world(GpuSpec("gpu-1", url=url)) as world, world.client() as c:
+        r = await asyncio.wait_for(
+            c.post("/api/chat", json={"model": "llama3.2", "stream": False}), 5)
+        assert (r.status_code, r.json()) == (200, {"done": True})

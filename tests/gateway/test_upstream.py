@@ -1,4 +1,4 @@
-"""The gateway's node client: O(1) keep-alive pool, chunked framing, failures it reports."""
+"""The gateway's node client: O(1) keep-alive pool, llhttp framing, the failures it reports."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from gpuctl.gateway.upstream import (
     Pool,
     PoolTransport,
     UpstreamError,
+    UpstreamResponse,
     _Conn,
-    _RelayParser,
 )
 from gpuctl.sim.ollama import SimOllama
 from gpuctl.sim.servers import running
+
+from .raw_node import OK_CHUNKED, chunked, raw_node
 
 
 async def test_sequential_requests_reuse_one_connection() -> None:
@@ -32,14 +34,15 @@ async def test_sequential_requests_reuse_one_connection() -> None:
         await pool.aclose()
 
 
-async def test_chunked_stream_arrives_piece_by_piece() -> None:
+async def test_chunked_stream_arrives_in_whole_lines() -> None:
     async with running(SimOllama(chunks=3)) as url:
         pool = Pool()
         body = json.dumps({"model": "llama3.2"}).encode()
         response = await pool.request(url, "POST", "/api/generate", [], body)
         assert response.header(b"content-type") == b"application/x-ndjson"
         pieces = [piece async for piece in response.chunks()]
-        assert len(pieces) == 4
+        # Chunks that arrived together come as one piece; none is split.
+        assert len(b"".join(pieces).splitlines()) == 4
         assert all(p.endswith(b"\n") for p in pieces)
         await pool.aclose()
 
@@ -108,23 +111,130 @@ def test_origin_keeps_the_path_prefix_and_default_ports() -> None:
     assert Origin.parse("http://10.0.0.5:11434").host_header == b"10.0.0.5:11434"
 
 
-@given(st.lists(st.binary(min_size=1, max_size=40), min_size=0, max_size=8),
-       st.lists(st.integers(min_value=1, max_value=30), min_size=1, max_size=20))
-def test_chunked_relay_parser_yields_each_piece_whatever_the_reads(
-    pieces: list[bytes], cuts: list[int],
-) -> None:
-    wire = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+class _Wire(asyncio.Transport):
+    """A transport that swallows writes: the test feeds the node's side by hand."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _parse_in_reads(wire: bytes, cuts: list[int]) -> bytes:
+    """The body ``_Conn`` makes of ``wire`` delivered in reads of the sizes in ``cuts``."""
     loop = asyncio.new_event_loop()
     try:
-        done: asyncio.Future[None] = loop.create_future()
-        got: list[bytes] = []
-        parser = _RelayParser(_Conn(), "chunked", 0, got.append, done)
-        pos, i = 0, 0
-        while pos < len(wire):
-            step = cuts[i % len(cuts)]
-            parser.feed(wire[pos:pos + step])
-            pos, i = pos + step, i + 1
-        assert got == pieces
-        assert done.done() and done.exception() is None
+        async def run() -> bytes:
+            conn = _Conn()
+            conn.connection_made(_Wire())
+            ready = conn.begin("POST")
+            pos, i = 0, 0
+            while pos < len(wire):
+                step = cuts[i % len(cuts)]
+                conn.data_received(wire[pos:pos + step])
+                pos, i = pos + step, i + 1
+            await ready
+            response = UpstreamResponse(Pool(), Origin.parse("http://node"), conn)
+            return await response.read()
+
+        return loop.run_until_complete(run())
     finally:
         loop.close()
+
+
+@given(st.lists(st.binary(min_size=1, max_size=40), min_size=0, max_size=8),
+       st.lists(st.integers(min_value=1, max_value=30), min_size=1, max_size=20),
+       st.booleans())
+def test_a_chunked_body_parses_the_same_whatever_the_reads(
+    pieces: list[bytes], cuts: list[int], interim: bool,
+) -> None:
+    head = b"HTTP/1.1 100 Continue\r\n\r\n" if interim else b""
+    wire = head + OK_CHUNKED + chunked(*pieces)
+    assert _parse_in_reads(wire, cuts) == b"".join(pieces)
+
+
+@pytest.mark.parametrize("size", [b"-6", b"+5", b"5_0", b"0x5", b" 5", b"fffffffffffffffff"])
+async def test_a_chunk_size_that_is_not_plain_hex_fails_the_response(size: bytes) -> None:
+    reply = OK_CHUNKED + size + b"\r\nabcde\r\n0\r\n\r\n"
+    async with raw_node([reply]) as (_, url):
+        pool = Pool()
+        response = await pool.request(url, "POST", "/api/chat", [], b"{}")
+        with pytest.raises(UpstreamError, match=r"(?i)chunk size") as caught:
+            await asyncio.wait_for(response.read(), 5)
+        assert caught.value.sent
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("header", [b"x-a: one\nx-injected: two", b"x-a: one\rx-b: two",
+                                    b"x-a: \x00"])
+async def test_a_header_value_with_a_bare_cr_lf_or_nul_fails_the_response(header: bytes
+                                                                         ) -> None:
+    reply = b"HTTP/1.1 200 OK\r\n" + header + b"\r\ncontent-length: 2\r\n\r\nok"
+    async with raw_node([reply]) as (_, url):
+        pool = Pool()
+        with pytest.raises(UpstreamError, match="bad response"):
+            await asyncio.wait_for(pool.request(url, "GET", "/api/tags", []), 5)
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("interim", [b"HTTP/1.1 100 Continue\r\n\r\n",
+                                     b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
+                                     b"HTTP/1.1 102 Processing\r\n\r\n"])
+async def test_interim_responses_are_skipped_for_the_final_one(interim: bytes) -> None:
+    final = b"HTTP/1.1 200 OK\r\nx-final: yes\r\ncontent-length: 2\r\n\r\nok"
+    async with raw_node([interim, final]) as (_, url):
+        pool = Pool()
+        response = await pool.request(url, "POST", "/api/chat", [], b"{}")
+        assert response.status == 200
+        assert response.headers == [(b"x-final", b"yes"), (b"content-length", b"2")]
+        assert await response.read() == b"ok"
+        await pool.aclose()
+
+
+async def test_a_body_cut_short_of_its_content_length_is_an_error_not_a_short_body() -> None:
+    reply = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nonly5"
+    async with raw_node([reply]) as (_, url):
+        pool = Pool()
+        response = await pool.request(url, "POST", "/api/chat", [], b"{}")
+        with pytest.raises(UpstreamError, match="closed early") as caught:
+            await asyncio.wait_for(response.read(), 5)
+        assert caught.value.sent
+        await pool.aclose()
+
+
+async def test_bytes_after_a_complete_body_keep_the_body_but_not_the_connection() -> None:
+    reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokGARBAGE"
+    async with raw_node([reply], keep_open=True) as (node, url):
+        pool = Pool()
+        for _ in range(2):
+            response = await pool.request(url, "GET", "/api/tags", [])
+            assert await response.read() == b"ok"
+        assert node.connections == 2
+        await pool.aclose()
+
+
+async def test_a_body_without_framing_ends_at_the_close() -> None:
+    async with raw_node([b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"the end"]) as (_, url):
+        pool = Pool()
+        response = await pool.request(url, "GET", "/api/tags", [])
+        assert await asyncio.wait_for(response.read(), 5) == b"until the end"
+        await pool.aclose()
+
+
+async def test_a_response_head_past_the_limit_fails() -> None:
+    reply = b"HTTP/1.1 200 OK\r\n" + b"x-big: " + b"a" * 70_000 + b"\r\n\r\n"
+    async with raw_node([reply]) as (_, url):
+        pool = Pool()
+        with pytest.raises(UpstreamError, match="head over"):
+            await asyncio.wait_for(pool.request(url, "GET", "/api/tags", []), 5)
+        await pool.aclose()

@@ -70,7 +70,8 @@ async def test_full_queue_gets_503_with_retry_after(make_world: WorldFactory) ->
         node.hold_after = 1
         async with world.client() as c, \
                 c.stream("POST", "/api/generate", json={"model": "llama3.2"}) as held:
-            await held.aiter_lines().__anext__()
+            lines = held.aiter_lines()  # kept: a dropped iterator closes the stream
+            await lines.__anext__()
             refused = await c.post("/api/generate", json={"model": "llama3.2"})
             assert refused.status_code == 503
             assert int(refused.headers["retry-after"]) >= 1
