@@ -61,6 +61,13 @@ class ServerConfig(_Section):
     max_body_mb: float = Field(64, gt=0)
     wait_notice: Literal["comment", "thinking", "none"] = Field(
         "thinking", description="how a held stream hears its wait (gateway/notices.py)")
+    tls_cert: str = Field("", description="PEM certificate chain file; a bare name is looked "
+                          "up in $CREDENTIALS_DIRECTORY (systemd credentials)")
+    tls_key: str = Field("", description="PEM private key file; as tls_cert")
+    max_connections: int = Field(4096, ge=16, description="connections served at once; "
+                                 "more wait in the listen backlog")
+    header_timeout_seconds: float = Field(15, gt=0, description="longest a client may take "
+                                          "to send a request head")
 
 
 class CloudApiConfig(_Section):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import signal
 import socket
 from collections.abc import Iterator
@@ -50,9 +51,13 @@ def serve(
     ] = None,
     demo: Annotated[bool, typer.Option(
         "--demo", help="Serve a simulated fleet: no cloud account or GPU needed.")] = False,
+    insecure_http: Annotated[bool, typer.Option(
+        "--insecure-http", help="Serve plain HTTP on a non-loopback address (keys cross the "
+        "network in clear text): only behind a TLS proxy on a trusted network.")] = False,
 ) -> None:
     """Run the shared gateway: the Ollama and OpenAI APIs in front of the whole fleet."""
     from gpuctl.cli.context import AppContext
+    from gpuctl.gateway.server import raise_fd_limit
 
     app_ctx = ctx.find_root().obj
     if not isinstance(app_ctx, AppContext):
@@ -62,16 +67,40 @@ def serve(
     if port is not None:
         app_ctx.overrides["server.port"] = port
     config = app_ctx.config
+    settings = _settings(app_ctx, config, insecure_http=insecure_http)
+    raise_fd_limit()
     if demo:
-        received = asyncio.run(_serve_demo(app_ctx, config))
+        received = asyncio.run(_serve_demo(app_ctx, config, settings))
     else:
         cloud = app_ctx.cloud()  # missing credentials: CredentialsError, exit 4, before binding
-        received = asyncio.run(_serve_cloud(app_ctx, config, cloud))
+        received = asyncio.run(_serve_cloud(app_ctx, config, cloud, settings))
     if signal.SIGINT in received and signal.SIGTERM not in received:
         raise typer.Exit(130)  # Ctrl-C, as the exit-code table says; SIGTERM is a clean 0
 
 
-async def _serve_demo(app_ctx: AppContext, config: Config) -> list[signal.Signals]:
+def _settings(app_ctx: AppContext, config: Config, *, insecure_http: bool) -> ServerSettings:
+    """The server's settings; refuses plain HTTP off loopback unless ``--insecure-http``."""
+    from gpuctl.gateway.server import ServerSettings
+
+    settings = ServerSettings.from_config(config, app_ctx.env)
+    if not settings.tls and not insecure_http and not _loopback(config.server.host):
+        raise UsageError(
+            f"refusing to serve plain HTTP on {config.server.host}: every user's key would "
+            "cross the network in clear text",
+            hint="Set server.tls_cert and server.tls_key, or put a TLS proxy in front and "
+                 "pass --insecure-http (see README: Running the gateway for a group).")
+    return settings
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def _serve_demo(app_ctx: AppContext, config: Config,
+                      settings: ServerSettings) -> list[signal.Signals]:
     from gpuctl.cli.output import message
     from gpuctl.cli.remote import DEMO_FILE, published_demo
     from gpuctl.gateway.app import create_app
@@ -91,14 +120,14 @@ async def _serve_demo(app_ctx: AppContext, config: Config) -> list[signal.Signal
                 with published_demo(app_ctx.cache_dir() / DEMO_FILE, url, fleet.key):
                     for line in fleet.intro(url):  # once published: `status --demo` works
                         say(line)
-                    await run_gateway(app, sock, shutdown=stop)
+                    await run_gateway(app, sock, shutdown=stop, settings=settings)
         finally:
             sock.close()
     return received
 
 
-async def _serve_cloud(app_ctx: AppContext, config: Config,
-                       cloud: CloudProvider) -> list[signal.Signals]:
+async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider,
+                       settings: ServerSettings) -> list[signal.Signals]:
     from gpuctl.config import state_dir
     from gpuctl.gateway.app import create_app
     from gpuctl.store.keys import KeyStore
@@ -111,11 +140,12 @@ async def _serve_cloud(app_ctx: AppContext, config: Config,
             token = app_ctx.credentials().find("node_token")
             app = create_app(config, engine, keys, node_token=token.value if token else None)
             sock = _bind(config.server.host, config.server.port)
+            scheme = "https" if settings.tls else "http"
             try:
-                app_ctx.err.print(f"gpuctl gateway on http://{_shown(sock)} "
+                app_ctx.err.print(f"gpuctl gateway on {scheme}://{_shown(sock)} "
                                   f"(Ollama API, OpenAI API under /v1); Ctrl-C stops it",
                                   markup=False, highlight=False, soft_wrap=True)
-                return await run_gateway(app, sock)
+                return await run_gateway(app, sock, settings=settings)
             finally:
                 sock.close()
         finally:

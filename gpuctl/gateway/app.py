@@ -26,7 +26,15 @@ from gpuctl.gateway import admin, routes, ui
 from gpuctl.gateway.auth import AuthError
 from gpuctl.gateway.context import EngineFace, Gateway
 from gpuctl.gateway.proxy import HOT_ROUTES, handle
-from gpuctl.gateway.replies import TEXT_CT, Receive, Scope, Send, error_body, reply
+from gpuctl.gateway.replies import (
+    TEXT_CT,
+    Receive,
+    Scope,
+    Send,
+    error_body,
+    reply,
+    reply_error,
+)
 from gpuctl.store.keys import KeyStore
 
 __all__ = ["GatewayApp", "create_app"]
@@ -43,6 +51,13 @@ def _needs_admin(path: str, method: str) -> bool:
     if path.startswith(ADMIN_PREFIXES):
         return True
     return path.startswith("/gpu/") and path.endswith(("/resume", "/pause"))
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
+            return True
+    return False
 
 
 class GatewayApp:
@@ -94,6 +109,16 @@ class GatewayApp:
             else:
                 await reply(send, 405, b"405 method not allowed", TEXT_CT)
             return
+        if path not in PUBLIC and _has_body(scope["headers"]):
+            # Quart reads a body while the route runs: check the key from the head first, so
+            # a request without a good key costs no body memory (the hot path does the same).
+            try:
+                self.gw.auth.check_raw(scope["headers"], admin=_needs_admin(path,
+                                                                            scope["method"]))
+            except AuthError as exc:
+                await reply_error(send, exc.http_status, exc.message,
+                                  openai=path.startswith("/v1/"))
+                return
         await self._quart_asgi(scope, receive, send)
 
 

@@ -32,6 +32,7 @@ from gpuctl.engine.api import Progress, RequestRow, Ticket, Usage
 from gpuctl.errors import GpuctlError, Unavailable
 from gpuctl.gateway.auth import AuthError
 from gpuctl.gateway.context import Gateway
+from gpuctl.gateway.jsonbody import BadJson, load_object
 from gpuctl.gateway.notices import Notifier, notifier, strip_history
 from gpuctl.gateway.replies import (
     TEXT_CT,
@@ -132,14 +133,9 @@ async def _serve_keyed(gw: Gateway, route: Route, scope: Scope, receive: Receive
                           " MB (server.max_body_mb)", openai=openai)
         return 413
     try:
-        payload = json.loads(body) if body else None
-    except ValueError:
-        payload = None
-        problem = "invalid JSON in request body"
-    else:
-        problem = "missing request body" if not body else "request body must be a JSON object"
-    if not isinstance(payload, dict):
-        await reply_error(send, 400, problem, openai=openai)
+        payload = load_object(body)
+    except BadJson as exc:
+        await reply_error(send, 400, str(exc), openai=openai)
         return 400
     model = payload.get("model")
     if not isinstance(model, str) or not model:

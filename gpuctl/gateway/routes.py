@@ -23,6 +23,7 @@ from gpuctl.cloud.base import Workspace
 from gpuctl.engine.api import GpuView, ModelView
 from gpuctl.errors import GpuctlError, NodeError, Unavailable, UsageError
 from gpuctl.gateway.context import Gateway
+from gpuctl.gateway.jsonbody import BadJson, load_object
 from gpuctl.node.client import node_url
 
 __all__ = ["OLLAMA_VERSION", "base_url", "blueprint", "gateway", "json_response"]
@@ -53,16 +54,10 @@ async def _raw() -> bytes:
 
 
 async def _body() -> dict[str, Any]:
-    raw = await _raw()
-    if not raw:
-        raise UsageError("missing request body")
     try:
-        value = json.loads(raw)
-    except ValueError:
-        raise UsageError("invalid JSON in request body") from None
-    if not isinstance(value, dict):
-        raise UsageError("request body must be a JSON object")
-    return value
+        return load_object(await _raw())
+    except BadJson as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _model_of(body: dict[str, Any]) -> str:

@@ -26,8 +26,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,10 +38,14 @@ from granian.constants import HTTPModes, Interfaces, SSLProtocols
 from granian.http import HTTP1Settings, HTTP2Settings
 from granian.server.embed import Server
 
+from gpuctl.config import Config
+from gpuctl.errors import ConfigError
+
 if TYPE_CHECKING:
     from gpuctl.gateway.app import GatewayApp
 
-__all__ = ["EmbeddedServer", "GatewayServer", "ServerSettings", "running_gateway"]
+__all__ = ["EmbeddedServer", "GatewayServer", "ServerSettings", "raise_fd_limit",
+           "running_gateway", "tls_file"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,48 @@ class ServerSettings:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @classmethod
+    def from_config(cls, config: Config, env: Mapping[str, str] | None = None) -> ServerSettings:
+        """The settings ``server.*`` asks for; TLS files resolved (see ``tls_file``)."""
+        server = config.server
+        cert = tls_file(server.tls_cert, env) if server.tls_cert else None
+        key = tls_file(server.tls_key, env) if server.tls_key else None
+        if (cert is None) != (key is None):
+            raise ConfigError("server.tls_cert and server.tls_key go together: set both")
+        return cls(max_connections=server.max_connections,
+                   backlog=max(server.max_connections, 128),
+                   header_timeout_seconds=server.header_timeout_seconds,
+                   tls_cert=cert, tls_key=key)
+
+
+def tls_file(value: str, env: Mapping[str, str] | None = None) -> Path:
+    """A TLS file named in config: a path, or a bare name found in ``$CREDENTIALS_DIRECTORY``
+    (``LoadCredential=`` in the systemd unit keeps the key out of the service's own files)."""
+    env = os.environ if env is None else env
+    path = Path(value).expanduser()
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and os.sep not in value and cred_dir:
+        candidate = Path(cred_dir) / value
+        if candidate.is_file():
+            return candidate
+    if not path.is_file():
+        raise ConfigError(f"TLS file {value!r} not found (server.tls_cert / server.tls_key)")
+    return path
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; return the new soft limit.
+
+    Every connection is a descriptor: at systemd's default soft limit (1,024) a thousand idle
+    connections took the old gateway down. The README's unit also sets ``LimitNOFILE=``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class EmbeddedServer(Server):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import pytest
 from typer.testing import CliRunner, Result
 
 from gpuctl.cli.context import AppContext
@@ -121,3 +122,19 @@ def test_serve_drains_a_stream_on_sigterm_and_exits_0(
                 rest = [json.loads(line) for line in lines]
             assert rest[-1]["done"] is True
             assert proc.wait(15) == 0
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
+def test_serve_refuses_plain_http_off_loopback_without_insecure_http(host: str) -> None:
+    result = gpuctl("serve", "--host", host, "--port", "0", "--demo")
+    assert result.exit_code == 2
+    assert "plain HTTP" in result.stderr and "--insecure-http" in result.stderr
+
+
+def test_serve_refuses_a_tls_cert_without_its_key(tmp_path: Path) -> None:
+    cert = tmp_path / "gateway.crt"
+    cert.write_text("not read before the check")
+    result = gpuctl("serve", "--port", "0", "--demo",
+                    env={"GPUCTL_SERVER__TLS_CERT": str(cert)})
+    assert result.exit_code != 0
+    assert "tls_key" in result.stderr

@@ -25,7 +25,7 @@ from gpuctl.config import Config
 from gpuctl.engine.clock import FakeClock
 from gpuctl.engine.engine import Engine
 from gpuctl.gateway.app import GatewayApp, create_app
-from gpuctl.gateway.server import running_gateway
+from gpuctl.gateway.server import ServerSettings, running_gateway
 from gpuctl.sim.cloud import SimCloud
 from gpuctl.sim.ollama import SimOllama
 from gpuctl.sim.servers import running
@@ -114,13 +114,15 @@ def world_factory(tmp_path: Path) -> WorldFactory:
     @contextlib.asynccontextmanager
     async def factory(*gpus: GpuSpec, slots: int = 2, max_queue: int = 64,
                       max_body_mb: float = 64, known: dict[str, list[str]] | None = None,
-                      wait_notice: str = "thinking") -> AsyncIterator[World]:
+                      wait_notice: str = "thinking",
+                      server: dict[str, Any] | None = None) -> AsyncIterator[World]:
         gpus = gpus or (GpuSpec("gpu-1"),)
         clock = FakeClock()
         cloud = SimCloud(clock, resume_seconds=60, pause_seconds=30, ollama_seconds=5)
         config = Config.model_validate({
             "server": {"max_queue": max_queue, "queue_timeout_seconds": 900,
-                       "max_body_mb": max_body_mb, "wait_notice": wait_notice},
+                       "max_body_mb": max_body_mb, "wait_notice": wait_notice,
+                       **(server or {})},
             "gpu": {"slots": slots},
             "timing": {"reservation_minutes": 10, "fallback_reservation_minutes": 3,
                        "startup_timeout_seconds": 600, "ollama_readiness_wait_seconds": 120,
@@ -143,12 +145,11 @@ def world_factory(tmp_path: Path) -> WorldFactory:
                     store.save_models(machine.id, entries, clock.wall())
             engine = Engine(config, cloud, store, clock=clock, nodes=cloud.node)
             app = create_app(config, engine, keys, node_token=NODE_TOKEN)
-            url = await stack.enter_async_context(running_gateway(app))
+            settings = ServerSettings.from_config(config)
+            url = await stack.enter_async_context(running_gateway(app, settings=settings))
             world = World(clock, cloud, nodes, engine, keys, store, app, url, admin_key,
                           user_key)
             # The engine has started: ``running_gateway`` waits for the lifespan startup.
-            async with world.client() as c:
-                await c.get("/health")
             try:
                 yield world
             finally:

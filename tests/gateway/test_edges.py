@@ -1,0 +1,211 @@
+"""The gateway's edges under hostile clients, over real sockets: each limit, broken on purpose.
+
+Every test here failed on the hand-written front server (or had no limit to test): bodies
+read before the key, JSON that crashed the parser, no header timeout, no TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import resource
+import ssl
+import time
+import warnings
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gpuctl.gateway.jsonbody import MAX_DEPTH
+from gpuctl.gateway.server import raise_fd_limit
+
+from .world import WorldFactory
+
+TIMEOUT = 5.0
+
+
+async def _open(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return await asyncio.open_connection(parts.hostname, parts.port)
+
+
+async def _read_all(reader: asyncio.StreamReader, timeout: float = TIMEOUT) -> bytes:
+    """Everything the server sends until it closes (bounded in time)."""
+    return await asyncio.wait_for(reader.read(), timeout)
+
+
+def _head(path: str, *, key: str | None, length: int, extra: bytes = b"") -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n".encode() if key else b""
+    return (f"POST {path} HTTP/1.1\r\nHost: gw\r\n".encode() + auth + extra
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length)
+
+
+# -- the key before the body -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions", "/api/show",
+                                  "/api/pull", "/gpu/gpu-1/resume"])
+@pytest.mark.parametrize("key", [None, "sk-wrong"])
+async def test_a_request_without_a_good_key_is_refused_before_its_body_is_sent(
+    make_world: WorldFactory, path: str, key: str | None,
+) -> None:
+    async with make_world() as world:
+        reader, writer = await _open(world.url)
+        # Announce 60 MB, send none of it: the answer must come from the head alone.
+        writer.write(_head(path, key=key, length=60 * 1024 * 1024))
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401 ")
+
+
+async def test_a_user_key_on_an_admin_route_is_refused_before_its_body(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world() as world:
+        reader, writer = await _open(world.url)
+        writer.write(_head("/api/pull", key=world.user_key, length=60 * 1024 * 1024))
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 403 ")
+
+
+# -- JSON that is not a usable object ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions", "/api/show"])
+@pytest.mark.parametrize("body", [
+    b'{"model": "llama3.2", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+    b'{"model": "llama3.2", "x": ' + b'{"a":' * 100_000 + b"1" + b"}" * 100_000 + b"}",
+    b'{"model": "\\ud800"}',
+    b'{"model": "llama3.2", "messages": [{"role": "user", "content": "\\udfff x"}]}',
+    b"\xff\xfe not json",
+])
+async def test_json_too_deep_or_undecodable_is_a_400_with_an_error(
+    make_world: WorldFactory, path: str, body: bytes,
+) -> None:
+    async with make_world() as world, world.client() as c:
+        r = await c.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert error if isinstance(error, str) else error["message"]
+
+
+async def test_json_nested_within_the_limit_and_paired_surrogates_still_pass(
+    make_world: WorldFactory,
+) -> None:
+    nested: object = "ok"
+    for _ in range(MAX_DEPTH - 8):
+        nested = [nested]
+    body = {"model": "llama3.2", "stream": False, "options": {"deep": nested},
+            "messages": [{"role": "user", "content": "emoji \U0001f600"}]}
+    async with make_world() as world, world.client() as c:
+        # json.dumps writes the emoji as a surrogate pair escape: valid, and relayed.
+        r = await c.post("/api/chat", content=json.dumps(body).encode(),
+                         headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+
+
+# -- slow heads ------------------------------------------------------------------------------
+
+
+async def test_a_head_sent_too_slowly_is_cut_off_at_the_header_timeout(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world(server={"header_timeout_seconds": 1}) as world:
+        reader, writer = await _open(world.url)
+        started = time.monotonic()
+        writer.write(b"POST /api/chat HTTP/1.1\r\nHost: gw\r\n")  # and never the rest
+        await writer.drain()
+        await _read_all(reader, timeout=TIMEOUT)
+        writer.close()
+        assert time.monotonic() - started < 3
+        async with world.client() as c:  # and the gateway serves on
+            assert (await c.get("/health")).status_code == 200
+
+
+# -- file descriptors ----------------------------------------------------------------------------
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        if hard != resource.RLIM_INFINITY and soft == hard and hard > 64:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard // 2, hard))
+        raised = raise_fd_limit()
+        assert raised == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised == hard or hard == resource.RLIM_INFINITY
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "gateway.crt", directory / "gateway.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_tls_serves_the_api_over_tls_1_2_and_1_3_only(make_world: WorldFactory,
+                                                            tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server = {"tls_cert": str(cert), "tls_key": str(key)}
+    async with make_world(server=server) as world:
+        assert world.url.startswith("https://")
+        trusting = ssl.create_default_context(cafile=str(cert))
+        async with world.client(verify=trusting) as c:
+            assert (await c.get("/health")).status_code == 200
+            r = await c.post("/api/chat", json={"model": "llama3.2", "stream": False})
+            assert r.status_code == 200 and r.json()["done"] is True
+        async with world.client(verify=False) as c:  # the key never crosses in clear text
+            plain = world.url.replace("https://", "http://")
+            with pytest.raises(httpx.HTTPError):
+                await c.get(f"{plain}/api/tags")
+        tls12 = ssl.create_default_context(cafile=str(cert))
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2  # granian's own minimum is 1.3
+        async with world.client(verify=tls12) as c:
+            assert (await c.get("/health")).status_code == 200
+        old = ssl.create_default_context(cafile=str(cert))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+        async with world.client(verify=old) as c:
+            with pytest.raises(httpx.ConnectError):
+                await c.get("/health")
+
+
+async def test_tls_files_may_come_from_systemd_credentials(
+    make_world: WorldFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    async with make_world(server={"tls_cert": cert.name, "tls_key": key.name}) as world:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        async with world.client(verify=trusting) as c:
+            assert (await c.get("/health")).status_code == 200
