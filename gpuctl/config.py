@@ -68,6 +68,8 @@ class ServerConfig(_Section):
                                  "more wait in the listen backlog")
     header_timeout_seconds: float = Field(15, gt=0, description="longest a client may take "
                                           "to send a request head")
+    max_slots_per_user: int = Field(0, ge=0, description="slots one user may hold on one GPU "
+                                    "at once; 0: half of gpu.slots, at least 1")
 
 
 class CloudApiConfig(_Section):

@@ -131,6 +131,10 @@ class Engine:
         self._gpus = self._roster.gpus
         self._background = Background()
         self._grants: dict[int, _Grant] = {}
+        #: user -> GPU id -> slots held, for the per-user cap (``server.max_slots_per_user``,
+        #: default half a GPU's slots): one user's stuck clients cannot take a whole GPU.
+        self._held: dict[str, dict[str, int]] = {}
+        self._user_cap = config.server.max_slots_per_user or max(1, config.gpu.slots // 2)
         self._ticket_ids = itertools.count(1)
         self._loop_task: asyncio.Task[None] | None = None
         self._counters = {"resume": 0, "pause": 0, "wake_failures": 0, "granted": 0,
@@ -276,8 +280,13 @@ class Engine:
         """
         if not len(self._queue) or not gpu.ready or not gpu.models or gpu.waking:
             return
+        cap = self._user_cap
+
+        def capped(user: str) -> bool:
+            return self._held.get(user, {}).get(gpu.id, 0) >= cap
+
         while gpu.in_use < gpu.slots and gpu.ready:
-            waiter = self._queue.pop_for(gpu.models)
+            waiter = self._queue.pop_for(gpu.models, skip=capped)
             if waiter is None:
                 return
             if waiter.future.done():
@@ -309,7 +318,7 @@ class Engine:
         now = self.clock.now()
         self._roster.expire(now)
         if not self._queue.depth(name):
-            choice = self._index.choose(name, user, self._leases.of_user(user))
+            choice = self._index.choose(name, user, self._leases.of_user(user), self._full(user))
             if choice is not None:
                 return self._grant(choice, name, user, model, 0.0, request)
         if not self._catalog.known(name) and not self._waker.unknown_candidates():
@@ -330,7 +339,7 @@ class Engine:
         waiter.request = request
         if request is not None:
             waiter.wake_gpu = self._waker.waking_for(name)  # joins a wake under way
-        choice = self._index.choose(name, user, self._leases.of_user(user))
+        choice = self._index.choose(name, user, self._leases.of_user(user), self._full(user))
         if choice is not None:  # a free slot nobody handed on yet: hand it on now
             self._drain(choice.gpu)
         if not future.done():
@@ -399,6 +408,13 @@ class Engine:
         """GPU-seconds left in ``key_id``'s budget this period; None without a budget. O(1)."""
         return self._budgets.remaining(key_id)
 
+    def _full(self, user: str) -> list[str]:
+        """The GPUs on which ``user`` holds as many slots as one user may."""
+        held = self._held.get(user)
+        if not held:
+            return []
+        return [gpu_id for gpu_id, count in held.items() if count >= self._user_cap]
+
     async def _await(self, future: asyncio.Future[Ticket], limit: float) -> Ticket:
         timer: asyncio.Future[Any] = asyncio.ensure_future(self.clock.sleep(limit))
         waiting: set[asyncio.Future[Any]] = {future, timer}
@@ -417,6 +433,8 @@ class Engine:
         seconds = self._lease_seconds(gpu, user)
         self._leases.hold(gpu.id, user, now + seconds, seconds)
         gpu.in_use += 1
+        held_here = self._held.setdefault(user, {})
+        held_here[gpu.id] = held_here.get(gpu.id, 0) + 1
         self._roster.refile(gpu)
         ticket_id = next(self._ticket_ids)
         self._grants[ticket_id] = _Grant(gpu, user, model, now, seconds, request)
@@ -477,6 +495,7 @@ class Engine:
         gpu.in_use -= 1
         if not gpu.in_use:
             gpu.idle_since = now
+        self._unhold(grant.user, gpu.id)
         if self._gpus.get(gpu.id) is not gpu:
             return  # the GPU left the fleet while this request ran
         seconds = self._lease_seconds(gpu, grant.user)
@@ -505,6 +524,18 @@ class Engine:
         (the request log at start; a replay's week before)."""
         for model, start, end in requests:
             self._policy.observe(model, start, end)
+
+    def _unhold(self, user: str, gpu_id: str) -> None:
+        held = self._held.get(user)
+        if held is None:
+            return
+        left = held.get(gpu_id, 0) - 1
+        if left > 0:
+            held[gpu_id] = left
+        else:
+            held.pop(gpu_id, None)
+            if not held:
+                del self._held[user]
 
     def queue_depth(self) -> int:
         return len(self._queue)

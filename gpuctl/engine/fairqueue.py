@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from gpuctl.engine.api import ProgressCallback, Ticket
@@ -117,20 +117,31 @@ class FairQueue:
         keys = self._keys.get(model)
         return self._waiters[keys[0][1]] if keys else None
 
-    def pop_for(self, models: Collection[str]) -> Waiter | None:
-        """The next waiter any of ``models`` can serve: the lowest (tag, arrival) among them."""
+    def pop_for(self, models: Collection[str],
+                skip: Callable[[str], bool] | None = None) -> Waiter | None:
+        """The next waiter any of ``models`` can serve: the lowest (tag, arrival) among them.
+
+        ``skip(user)``: users who may not be served here now (at their slot cap on this GPU);
+        their waiters keep their places for another GPU or a later slot.
+        """
         best: Waiter | None = None
         queued = self._keys
         for model in models if len(models) <= len(queued) else list(queued):
             keys = queued.get(model)
             if keys and model in models:
                 waiter = self._waiters[keys[0][1]]
+                if skip is not None and skip(waiter.user):
+                    found = next((w for w in (self._waiters[k[1]] for k in keys)
+                                  if not skip(w.user)), None)
+                    if found is None:
+                        continue
+                    waiter = found
                 if best is None or waiter.key < best.key:
                     best = waiter
         if best is None:
             return None
         keys = self._keys[best.model]
-        del keys[0]
+        del keys[bisect.bisect_left(keys, best.key)]
         if not keys:
             del self._keys[best.model]
         del self._waiters[best.seq]

@@ -11,7 +11,7 @@ the same for 10 GPUs and 1,000 (see ``tests/bench/bench_router.py``). The engine
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from gpuctl.engine.fleet import Gpu
@@ -84,13 +84,18 @@ class RouteIndex:
     def has_free(self, model: str) -> bool:
         return model in self._free
 
-    def choose(self, model: str, user: str, user_leases: Mapping[str, object]) -> Choice | None:
-        """The best ready GPU with ``model`` and a free slot for ``user``, or ``None``."""
+    def choose(self, model: str, user: str, user_leases: Mapping[str, object],
+               full: Collection[str] = ()) -> Choice | None:
+        """The best ready GPU with ``model`` and a free slot for ``user``, or ``None``.
+
+        ``full``: GPUs on which ``user`` already holds the most slots one user may hold
+        (``server.max_slots_per_user``); they are passed over. Few, so checked directly.
+        """
         if model not in self._free:
             return None
         line = self._buckets[model]
         if user_leases:
-            pick = self._own(line, model, user_leases)
+            pick = self._own(line, model, user_leases, full)
             if pick is not None:
                 loaded = "model loaded" if model in pick.loaded else "model on disk"
                 used = f"{pick.in_use}/{pick.slots} slots in use"
@@ -99,16 +104,22 @@ class RouteIndex:
             bucket = line[rank]
             if bucket:
                 gpu = next(iter(bucket.values()))
+                if full and gpu.id in full:
+                    found = next((g for g in bucket.values() if g.id not in full), None)
+                    if found is None:
+                        continue
+                    gpu = found
                 loaded = "model on disk" if rank >= self._unloaded else "model loaded"
                 leased = (
                     "leased to another user" if rank % self._unloaded >= self.slots
                     else "not leased"
                 )
                 return Choice(gpu, f"{loaded}, {leased}, {gpu.in_use}/{gpu.slots} slots in use")
-        return None  # pragma: no cover - a model in _free always has a non-empty bucket
+        return None  # every free GPU is one this user holds the most slots on
 
     def _own(
-        self, line: list[dict[str, Gpu]], model: str, user_leases: Mapping[str, object]
+        self, line: list[dict[str, Gpu]], model: str, user_leases: Mapping[str, object],
+        full: Collection[str] = (),
     ) -> Gpu | None:
         """The best of the user's leased GPUs for ``model`` (loaded, then fewest in use).
 
@@ -124,7 +135,7 @@ class RouteIndex:
             if walk < len(user_leases):
                 for leased in leased_ranks:
                     for gpu_id, gpu in line[leased].items():
-                        if gpu_id in user_leases:
+                        if gpu_id in user_leases and gpu_id not in full:
                             return gpu
                 return None
         best = -1
@@ -132,6 +143,8 @@ class RouteIndex:
         placed = self._placed
         unloaded = self._unloaded
         for gpu_id in user_leases:
+            if gpu_id in full:
+                continue
             ranks = placed.get(gpu_id)
             rank = ranks.get(model) if ranks is not None else None
             if rank is None:

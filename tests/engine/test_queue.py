@@ -31,7 +31,7 @@ async def test_a_free_slot_is_granted_at_once_with_a_reason(fleet: Fleet) -> Non
 
 async def test_never_more_requests_in_flight_than_slots(fleet: Fleet) -> None:
     engine = await running_fleet(fleet, slots=2)
-    tasks = [fleet.spawn(engine.acquire("llama3.2", "alice")) for _ in range(5)]
+    tasks = [fleet.spawn(engine.acquire("llama3.2", f"user-{n}")) for n in range(5)]
     await fleet.clock.settle()
     assert sum(t.done() for t in tasks) == 2
     assert engine.gpu("gpu-0").slots_in_use == 2
@@ -158,3 +158,51 @@ async def test_a_served_model_counts_as_loaded_and_load_times_are_learnt(fleet: 
     assert bob.reason.startswith("model loaded")
     await fleet.advance(10)  # the tick writes what was learnt
     assert fleet.store.load_history() == {"qwen3:8b": [12.5]}
+
+
+# -- the per-user slot cap (server.max_slots_per_user) ------------------------------------------
+
+
+async def test_one_user_holds_at_most_half_a_gpus_slots_by_default(fleet: Fleet) -> None:
+    engine = await running_fleet(fleet, slots=4)
+    mine = [fleet.spawn(engine.acquire("llama3.2", "stuck")) for _ in range(4)]
+    await fleet.clock.settle()
+    assert sum(t.done() for t in mine) == 2  # the other two wait, though 2 slots are free
+    other = await engine.acquire("llama3.2", "bob")  # bob is served at once
+    assert other.gpu_name == "gpu-0"
+    assert engine.gpu("gpu-0").slots_in_use == 3
+
+
+async def test_a_capped_users_waiter_lets_another_user_pass_when_a_slot_frees(
+    fleet: Fleet,
+) -> None:
+    engine = await running_fleet(fleet, slots=2)  # the cap: 1 slot per user
+    first = await engine.acquire("llama3.2", "stuck")
+    second = fleet.spawn(engine.acquire("llama3.2", "stuck"))
+    bob = await engine.acquire("llama3.2", "bob")
+    carol = fleet.spawn(engine.acquire("llama3.2", "carol"))  # queued after stuck's second
+    await fleet.clock.settle()
+    engine.release(bob)
+    await fleet.clock.settle()
+    assert carol.done() and not second.done()  # the freed slot skips the capped user
+    engine.release(first)
+    await fleet.clock.settle()
+    assert second.done()  # and the capped user's turn comes when its own slot frees
+    assert second.result().gpu_name == "gpu-0"
+
+
+async def test_a_user_capped_on_one_gpu_is_served_on_another(fleet: Fleet) -> None:
+    engine = await running_fleet(fleet, gpus=2, slots=2)
+    one = await engine.acquire("llama3.2", "alice")
+    two = await engine.acquire("llama3.2", "alice")
+    assert {one.gpu_name, two.gpu_name} == {"gpu-0", "gpu-1"}
+
+
+async def test_the_per_user_cap_is_configurable(fleet: Fleet) -> None:
+    fleet.configure(server={"max_slots_per_user": 4})
+    engine = await running_fleet(fleet, slots=4)
+    tickets = [await engine.acquire("llama3.2", "batch") for _ in range(4)]
+    assert engine.gpu("gpu-0").slots_in_use == 4
+    for ticket in tickets:
+        engine.release(ticket)
+    assert engine.gpu("gpu-0").slots_in_use == 0
