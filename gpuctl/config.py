@@ -68,6 +68,12 @@ class ServerConfig(_Section):
                                  "more wait in the listen backlog")
     header_timeout_seconds: float = Field(15, gt=0, description="longest a client may take "
                                           "to send a request head")
+    max_connections_per_client: int = Field(256, ge=0, description="requests in flight "
+                                            "from one client address; 0: no limit")
+    body_timeout_seconds: float = Field(20, gt=0, description="longest a client may take "
+                                        "to send a request body")
+    stall_timeout_seconds: float = Field(60, gt=0, description="longest a write to a "
+                                         "client may wait before its stream is cancelled")
     max_slots_per_user: int = Field(0, ge=0, description="slots one user may hold on one GPU "
                                     "at once; 0: half of gpu.slots, at least 1")
 

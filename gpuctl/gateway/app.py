@@ -88,6 +88,14 @@ class GatewayApp:
         if scope["type"] != "http":
             await self._quart_asgi(scope, receive, send)
             return
+        client = scope.get("client")
+        host = client[0] if client else ""
+        clients = self.gw.clients
+        if not clients.enter(host):
+            await reply_error(send, 429, f"too many requests in flight from {host} (server."
+                              f"max_connections_per_client = {clients.limit})",
+                              openai=scope["path"].startswith("/v1/"), retry_after=1)
+            return
         task = asyncio.current_task()
         assert task is not None  # granian runs each request in an asyncio task
         self._requests.add(task)
@@ -95,6 +103,7 @@ class GatewayApp:
             await self._http(scope, receive, send)
         finally:
             self._requests.discard(task)
+            clients.leave(host)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
@@ -130,7 +139,7 @@ def create_app(config: Config, engine: EngineFace, keys: KeyStore, *,
     quart.config.update(
         GPUCTL_GATEWAY=gw,
         MAX_CONTENT_LENGTH=gw.max_body,
-        BODY_TIMEOUT=None,
+        BODY_TIMEOUT=config.server.body_timeout_seconds,
         RESPONSE_TIMEOUT=None,
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
@@ -162,9 +171,11 @@ def _install_lifecycle(quart: Quart, gw: Gateway) -> None:
                 gw.startup_error = exc
                 return
         flusher.append(asyncio.ensure_future(flush_keys()))
+        gw.stalls.start()
 
     @quart.after_serving
     async def stop() -> None:
+        await gw.stalls.stop()
         for task in flusher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

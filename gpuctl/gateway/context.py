@@ -25,6 +25,7 @@ from gpuctl.engine.api import (
 from gpuctl.engine.overview import FleetOverview
 from gpuctl.errors import GpuctlError
 from gpuctl.gateway.auth import Authenticator
+from gpuctl.gateway.limits import ClientShare, StallWatch
 from gpuctl.gateway.metrics import GatewayMetrics
 from gpuctl.gateway.upstream import Pool, PoolTransport
 from gpuctl.store.keys import KeyStore
@@ -81,6 +82,8 @@ class Gateway:
     #: ``/api/show`` answers by model, so a sleeping fleet can still describe its models.
     show_cache: dict[str, bytes] = field(default_factory=dict)
     max_body: int = field(init=False)
+    stalls: StallWatch = field(init=False)
+    clients: ClientShare = field(init=False)
     #: Why the engine failed to start, if it did (``serve`` reports it and exits).
     startup_error: GpuctlError | None = field(default=None, init=False)
 
@@ -98,6 +101,8 @@ class Gateway:
             token = os.environ.get("GPUCTL_NODE_TOKEN") or None
         self.node_headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self.max_body = int(self.config.server.max_body_mb * 1024 * 1024)
+        self.stalls = StallWatch(self.config.server.stall_timeout_seconds)
+        self.clients = ClientShare(self.config.server.max_connections_per_client)
 
     def node_headers_dict(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.node_headers}

@@ -127,7 +127,13 @@ async def _serve(gw: Gateway, route: Route, scope: Scope, receive: Receive, send
 async def _serve_keyed(gw: Gateway, route: Route, scope: Scope, receive: Receive, send: Send,
                        request: RequestRow, started: float) -> int:
     openai = route.openai
-    body = await _read_body(gw, scope, receive)
+    try:
+        body = await _read_body_within(gw, scope, receive)
+    except TimeoutError:
+        await reply_error(send, 408, f"request body not received within "
+                          f"{gw.config.server.body_timeout_seconds:g} s "
+                          "(server.body_timeout_seconds)", openai=openai)
+        return 408
     if body is None:
         await reply_error(send, 413, f"request body larger than {gw.config.server.max_body_mb:g}"
                           " MB (server.max_body_mb)", openai=openai)
@@ -163,6 +169,35 @@ def _with_budget(send: Send, remaining: float) -> Send:
         await send(message)
 
     return send_with_budget
+
+
+async def _read_body_within(gw: Gateway, scope: Scope, receive: Receive) -> bytes | None:
+    """``_read_body``, bounded by ``server.body_timeout_seconds`` (``TimeoutError``).
+
+    A timer that cancels this task rather than ``wait_for``: no extra task per request.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(gw.config.server.body_timeout_seconds,
+                                                  expire)
+    try:
+        return await _read_body(gw, scope, receive)
+    except asyncio.CancelledError:
+        if expired:
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()
+            raise TimeoutError from None
+        raise
+    finally:
+        timer.cancel()
 
 
 async def _read_body(gw: Gateway, scope: Scope, receive: Receive) -> bytes | None:
@@ -216,6 +251,17 @@ class _Call:
         self._note_event: asyncio.Event | None = None
         self._pump: asyncio.Task[None] | None = None
         self._pump_stop = False
+        #: ``loop.time()`` when the current relayed ``send`` began (0.0: not sending); the
+        #: gateway's ``StallWatch`` cancels the stream when a send waits too long.
+        self.sending_since = 0.0
+        self._task: asyncio.Task[Any] | None = None
+        self.stalled_out = False
+
+    def stalled(self) -> None:
+        """The client stopped reading past ``server.stall_timeout_seconds``: end it."""
+        if not self.finished and self._task is not None:
+            self.stalled_out = True
+            self._task.cancel()
 
     # -- watching the client -----------------------------------------------------------
 
@@ -234,11 +280,12 @@ class _Call:
     async def run(self) -> int:
         task = asyncio.current_task()
         assert task is not None
+        self._task = task
         watcher = asyncio.ensure_future(self._watch(task))
         try:
             return await self._run()
         except asyncio.CancelledError:
-            if self.client_gone:
+            if self.client_gone or self.stalled_out:
                 return 499
             raise
         finally:
@@ -324,19 +371,31 @@ class _Call:
             int(response.header(b"content-length") or b"0") <= _USAGE_BODY_LIMIT
         pieces: list[bytes] = []
         prev = tail = b""
+        stalls = self.gw.stalls
+        clock = asyncio.get_running_loop().time
+        stalls.streams.add(self)
         try:
-            async for piece in response.chunks():
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
-                if keep:
-                    pieces.append(piece)
-                else:
-                    prev, tail = tail, piece
-        except UpstreamError as exc:
-            reason = f"{ticket.gpu_name}: {exc}"
-            tail = pieces[-1] if keep and pieces else tail
-            await self._end_broken(tail, f"GPU {ticket.gpu_name} failed mid-stream: {exc}")
-            return status, None, reason
-        await self._end()
+            try:
+                async for piece in response.chunks():
+                    self.sending_since = clock()
+                    await send({"type": "http.response.body", "body": piece,
+                                "more_body": True})
+                    self.sending_since = 0.0
+                    if keep:
+                        pieces.append(piece)
+                    else:
+                        prev, tail = tail, piece
+            except UpstreamError as exc:
+                reason = f"{ticket.gpu_name}: {exc}"
+                tail = pieces[-1] if keep and pieces else tail
+                self.sending_since = clock()
+                await self._end_broken(tail, f"GPU {ticket.gpu_name} failed mid-stream: {exc}")
+                return status, None, reason
+            self.sending_since = clock()
+            await self._end()
+        finally:
+            self.sending_since = 0.0
+            stalls.streams.discard(self)
         usage = None
         if status == 200:
             usage = _usage(b"".join(pieces) if keep else prev + tail)

@@ -148,18 +148,20 @@ class _Conn(asyncio.Protocol):
             self._spoilt()
             return
         if self.in_head:
-            # llhttp keeps a header's partial value itself, with no bound: count the head here.
-            self.head_size += len(data)
-            if self.head_size > _HEAD_LIMIT:
-                self._fail(f"node sent a response head over {_HEAD_LIMIT} bytes")
-                return
+            self.head_size += len(data)  # may count body bytes too: only checked below
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if self.complete:
                 self._spoilt()
+            elif self.head_size > _HEAD_LIMIT:
+                self._fail(f"node sent a response head over {_HEAD_LIMIT} bytes")
             else:
                 self._fail(f"node sent a bad response: {exc}")
+            return
+        if self.in_head and self.head_size > _HEAD_LIMIT:
+            # llhttp keeps a header's partial value itself, with no bound: bound it here.
+            self._fail(f"node sent a response head over {_HEAD_LIMIT} bytes")
 
     def _spoilt(self) -> None:
         """Bytes after a complete response (we never pipeline): never reuse this one."""
@@ -186,6 +188,9 @@ class _Conn(asyncio.Protocol):
         if self.in_head:  # after the head: trailers, not relayed
             self.headers.append((name.lower(), value))
 
+    def _head_bytes(self) -> int:
+        return sum(len(name) + len(value) + 4 for name, value in self.headers)
+
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:
@@ -193,6 +198,9 @@ class _Conn(asyncio.Protocol):
                 raise httptools.HttpParserError("node switched protocols")
             self.headers = []  # interim (100 Continue, 103 Early Hints): wait for the answer
             return
+        self.head_size = self._head_bytes()
+        if self.head_size > _HEAD_LIMIT:
+            raise httptools.HttpParserError("response head too large")
         self.status = status
         self.in_head = False
         framed = any(name == b"content-length" or (name == b"transfer-encoding"

@@ -27,7 +27,8 @@ from cryptography.x509.oid import NameOID
 from gpuctl.gateway.jsonbody import MAX_DEPTH
 from gpuctl.gateway.server import raise_fd_limit
 
-from .world import WorldFactory
+from .raw_node import OK_CHUNKED, raw_node
+from .world import GpuSpec, WorldFactory, eventually
 
 TIMEOUT = 5.0
 
@@ -209,3 +210,62 @@ async def test_tls_files_may_come_from_systemd_credentials(
         trusting = ssl.create_default_context(cafile=str(cert))
         async with world.client(verify=trusting) as c:
             assert (await c.get("/health")).status_code == 200
+
+
+# -- slow bodies, stalled readers, greedy clients ---------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/show"])
+async def test_a_body_sent_too_slowly_gets_408_at_the_body_timeout(
+    make_world: WorldFactory, path: str,
+) -> None:
+    async with make_world(server={"body_timeout_seconds": 1}) as world:
+        reader, writer = await _open(world.url)
+        started = time.monotonic()
+        writer.write(_head(path, key=world.user_key, length=100) + b'{"model": "ll')
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - started < 4
+
+
+async def test_a_client_that_stops_reading_loses_its_stream_and_its_slot(
+    make_world: WorldFactory,
+) -> None:
+    # The node has 16 MB to say; the client reads none of it.
+    frames = [b"%x\r\n%s\r\n" % (256 * 1024, b"x" * 256 * 1024)] * 64
+    async with raw_node([OK_CHUNKED, *frames, b"0\r\n\r\n"]) as (_, url), \
+            make_world(GpuSpec("gpu-1", url=url), server={"stall_timeout_seconds": 1}
+                       ) as world:
+        _, writer = await _open(world.url)
+        body = json.dumps({"model": "llama3.2"}).encode()
+        writer.write(_head("/api/chat", key=world.user_key, length=len(body)) + body)
+        await writer.drain()
+        await eventually(lambda: world.gpu("gpu-1").slots_in_use == 1)
+        await eventually(lambda: world.gpu("gpu-1").slots_in_use == 0, timeout=15)
+        assert world.app.gw.stalls.cancelled == 1
+        writer.close()
+
+
+async def test_one_client_address_holds_at_most_its_share_of_requests(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world(GpuSpec("gpu-1", chunks=4), slots=4,
+                          server={"max_connections_per_client": 2}) as world:
+        node = world.nodes["gpu-1"]
+        node.hold_after = 1
+        async with world.client() as c, \
+                c.stream("POST", "/api/chat", json={"model": "llama3.2"}) as one, \
+                c.stream("POST", "/api/chat", json={"model": "llama3.2"}) as two:
+            first, second = one.aiter_lines(), two.aiter_lines()
+            await first.__anext__()
+            await second.__anext__()
+            refused = await c.get("/api/tags")
+            assert refused.status_code == 429
+            assert "max_connections_per_client" in refused.json()["error"]
+            node.release()
+            async for _ in first:
+                pass
+        async with world.client() as c:
+            assert (await c.get("/api/tags")).status_code == 200
