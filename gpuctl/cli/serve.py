@@ -57,6 +57,7 @@ def serve(
 ) -> None:
     """Run the shared gateway: the Ollama and OpenAI APIs in front of the whole fleet."""
     from gpuctl.cli.context import AppContext
+    from gpuctl.gateway import logs
     from gpuctl.gateway.server import raise_fd_limit
 
     app_ctx = ctx.find_root().obj
@@ -69,6 +70,7 @@ def serve(
     config = app_ctx.config
     settings = _settings(app_ctx, config, insecure_http=insecure_http)
     raise_fd_limit()
+    logs.install()
     if demo:
         received = asyncio.run(_serve_demo(app_ctx, config, settings))
     else:

@@ -86,7 +86,8 @@ def run_gateway(port: int, node_url: str, home: str) -> None:
 
     _raise_fd_limit()
     config = Config.model_validate({
-        "server": {"max_queue": 4096, "port": port},
+        # One load generator on loopback is one address: no per-address share here.
+        "server": {"max_queue": 4096, "port": port, "max_connections_per_client": 0},
         "cloud_api": {"provider": "static", "hosts": [node_url]},
         "gpu": {"slots": 4096},
     })

@@ -11,8 +11,8 @@ alone, no gateway: one simulated Ollama node (``SimOllama`` under granian, via
 and streaming ``--chunks`` pieces ``--interval`` seconds apart; this process, pinned to CPU 1,
 drives one client variant at a time:
 
-- ``pool.relay``: ``Pool.request`` + ``UpstreamResponse.relay(sink)``, as ``proxy.py`` does
-  under the front server; ``pool.chunks``: the same with ``async for ... in chunks()``;
+- ``pool.chunks``: ``Pool.request`` + ``async for ... in response.chunks()``, as ``proxy.py``
+  does (responses parsed by llhttp through ``httptools``);
 - ``httpx default``: ``httpx.AsyncClient()`` as it comes (100 connections, 20 kept alive,
   5 s timeouts), ``client.stream`` + ``aiter_raw``;
 - ``httpx sized``: the same with ``max_connections=None, max_keepalive_connections=None``;
@@ -127,28 +127,12 @@ class Variant(abc.ABC):
         phase.latencies.append(time.perf_counter() - start)
 
 
-class PoolRelay(Variant):
-    name = "pool.relay"
+class PoolChunks(Variant):
+    name = "pool.chunks"
 
     def __init__(self, base: str) -> None:
         super().__init__(base)
         self.pool = Pool(connect_timeout=10)
-
-    async def fetch(self, stream: bool, on_piece: Callable[[bytes], None]) -> int:
-        response = await self.pool.request(self.base, "POST", "/api/chat", JSON_HEADERS,
-                                           BODIES[stream])
-        try:
-            await response.relay(on_piece)
-        finally:
-            await response.aclose()
-        return response.status
-
-    async def aclose(self) -> None:
-        await self.pool.aclose()
-
-
-class PoolChunks(PoolRelay):
-    name = "pool.chunks"
 
     async def fetch(self, stream: bool, on_piece: Callable[[bytes], None]) -> int:
         response = await self.pool.request(self.base, "POST", "/api/chat", JSON_HEADERS,
@@ -159,6 +143,9 @@ class PoolChunks(PoolRelay):
         finally:
             await response.aclose()
         return response.status
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
 
 
 class HttpxClient(Variant):
@@ -216,7 +203,7 @@ class HttpcoreDirect(Variant):
         await self.pool.aclose()
 
 
-VARIANTS: list[type[Variant]] = [PoolRelay, PoolChunks, HttpxClient, HttpxSized,
+VARIANTS: list[type[Variant]] = [PoolChunks, HttpxClient, HttpxSized,
                                  HttpxPoolTransport, HttpcoreDirect]
 
 
@@ -274,7 +261,7 @@ async def measure(cls: type[Variant], base: str, quick: bool) -> tuple[Figures, 
 
 
 async def wait_up(base: str, timeout: float = 20.0) -> None:
-    variant = PoolRelay(base)
+    variant = PoolChunks(base)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

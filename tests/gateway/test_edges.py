@@ -10,6 +10,7 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import logging
 import resource
 import ssl
 import time
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gpuctl.gateway.jsonbody import MAX_DEPTH
+from gpuctl.gateway.logs import BURST, WINDOW, RepeatLimit
 from gpuctl.gateway.server import raise_fd_limit
 
 from .raw_node import OK_CHUNKED, raw_node
@@ -187,6 +189,9 @@ async def test_tls_serves_the_api_over_tls_1_2_and_1_3_only(make_world: WorldFac
             plain = world.url.replace("https://", "http://")
             with pytest.raises(httpx.HTTPError):
                 await c.get(f"{plain}/api/tags")
+        async with world.client(verify=trusting, http2=True) as c:  # h2 over ALPN
+            r = await c.post("/api/chat", json={"model": "llama3.2", "stream": False})
+            assert (r.http_version, r.status_code) == ("HTTP/2", 200)
         tls12 = ssl.create_default_context(cafile=str(cert))
         tls12.maximum_version = ssl.TLSVersion.TLSv1_2  # granian's own minimum is 1.3
         async with world.client(verify=tls12) as c:
@@ -269,3 +274,24 @@ async def test_one_client_address_holds_at_most_its_share_of_requests(
                 pass
         async with world.client() as c:
             assert (await c.get("/api/tags")).status_code == 200
+
+
+# -- logs that cannot flood --------------------------------------------------------------------
+
+
+def test_a_repeated_log_message_is_let_through_a_few_times_a_minute() -> None:
+    now = [0.0]
+    limit = RepeatLimit(clock=lambda: now[0])
+
+    def record(arg: int) -> logging.LogRecord:
+        return logging.LogRecord("gpuctl.x", logging.ERROR, __file__, 1, "accept failed: %s",
+                                 (arg,), None)
+
+    passed = [limit.filter(record(n)) for n in range(1000)]
+    assert sum(passed) == BURST
+    other = logging.LogRecord("gpuctl.x", logging.ERROR, __file__, 1, "other", (), None)
+    assert limit.filter(other)  # another message is not held back by the first
+    now[0] = WINDOW + 1
+    summary = record(0)
+    assert limit.filter(summary)
+    assert f"{1000 - BURST} more like it" in str(summary.msg)
