@@ -53,6 +53,10 @@ def _needs_admin(path: str, method: str) -> bool:
     return path.startswith("/gpu/") and path.endswith(("/resume", "/pause"))
 
 
+def _is_ui(path: str) -> bool:
+    return path == "/ui" or path.startswith("/ui/")
+
+
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
@@ -118,7 +122,7 @@ class GatewayApp:
             else:
                 await reply(send, 405, b"405 method not allowed", TEXT_CT)
             return
-        if path not in PUBLIC and _has_body(scope["headers"]):
+        if path not in PUBLIC and not _is_ui(path) and _has_body(scope["headers"]):
             # Quart reads a body while the route runs: check the key from the head first, so
             # a request without a good key costs no body memory (the hot path does the same).
             try:
@@ -193,7 +197,7 @@ def _install_auth(quart: Quart, gw: Gateway) -> None:
         path = request.path
         if path in PUBLIC or request.url_rule is None:
             return  # unknown paths get Ollama's 404, with or without a key
-        if path == "/ui" or path.startswith("/ui/"):
+        if _is_ui(path):
             return  # the status page signs in once and checks its cookie (gateway/ui.py)
         gw.auth.check(request.headers.get("Authorization"),
                       admin=_needs_admin(path, request.method))

@@ -53,7 +53,8 @@ async def test_refusals_and_cancels_get_a_row_each(make_world: WorldFactory) -> 
             bad = await c.post("/api/chat", content=b"{not json")
             assert bad.status_code == 400
             async with c.stream("POST", "/api/generate", json={"model": "llama3.2"}) as held:
-                await held.aiter_lines().__anext__()
+                lines = held.aiter_lines()  # kept: a dropped iterator closes the stream
+                await lines.__anext__()
                 full = await c.post("/api/generate", json={"model": "llama3.2"})
                 assert full.status_code == 503
             # Leaving the stream early closes it: the client cancelled.
