@@ -79,7 +79,8 @@ class _EngineCollector(Collector):
         resume.add_metric(["count"], len(durations))
         resume.add_metric(["sum"], sum(durations))
         resume.add_metric(["max"], max(durations, default=0.0))
-        resume.add_metric(["last"], durations[0] if durations else 0.0)
+        # ``resume_durations`` is oldest first: the last resume is the list's end.
+        resume.add_metric(["last"], durations[-1] if durations else 0.0)
         yield resume
 
 

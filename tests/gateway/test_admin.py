@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 from .world import GpuSpec, WorldFactory
@@ -121,3 +122,23 @@ async def test_blob_upload_goes_to_the_named_gpu(make_world: WorldFactory) -> No
         created = await c.post(f"/api/blobs/{digest}", content=data)
         assert created.status_code == 201
         assert (await c.head(f"/api/blobs/{digest}")).status_code == 200
+
+
+async def test_metrics_last_resume_is_the_newest_one(make_world: WorldFactory) -> None:
+    async with make_world(GpuSpec("gpu-1", status="paused")) as world, \
+            world.client(world.admin_key) as c:
+        machine = world.cloud.find("gpu-1")
+        for resume_seconds in (60, 200):  # a quick resume first, then a slow one
+            machine.resume_seconds = resume_seconds
+            woken = asyncio.ensure_future(c.post("/gpu/gpu-1/resume?wait=1"))
+            world.tasks.append(woken)
+            await world.until(woken.done)
+            assert (await woken).status_code == 200
+            paused = asyncio.ensure_future(c.post("/gpu/gpu-1/pause?wait=1"))
+            world.tasks.append(paused)
+            await world.until(paused.done)
+        text = (await c.get("/metrics")).text
+        assert 'gpuctl_resume_seconds{stat="count"} 2.0' in text
+        [last] = [line for line in text.splitlines()
+                  if line.startswith('gpuctl_resume_seconds{stat="last"}')]
+        assert float(last.split()[-1]) >= 200  # not the 60 s one
