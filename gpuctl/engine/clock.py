@@ -2,7 +2,10 @@
 
 All waiting in the engine goes through a ``Clock``: ``sleep`` and ``timeout``. ``SystemClock``
 is the real one; ``FakeClock`` only moves when a test calls ``advance``, waking the sleepers
-whose deadline has come, in deadline order, and letting the event loop run between them.
+whose deadline has come, in deadline order, and letting the event loop run between them;
+with ``drift`` it also moves a little at every reading, as a real clock does between two
+calls (a clock that never moved between two readings once hid a bug: two snapshots of
+the same GPU compared equal only because their lease expiries were computed at one instant).
 ``VirtualClock`` is for replays (``gpuctl simulate``): its time jumps straight to the next
 sleeper's deadline as soon as nothing on the event loop can run, so a day of fleet life costs
 only the work done in it, not a fixed number of loop rounds per step.
@@ -49,13 +52,17 @@ class SystemClock:
 class FakeClock:
     """A clock that moves only when told. ``sleep`` parks until ``advance`` passes its deadline."""
 
-    def __init__(self, start: float = 1_000.0, wall_start: float = 1_800_000_000.0) -> None:
+    def __init__(self, start: float = 1_000.0, wall_start: float = 1_800_000_000.0, *,
+                 drift: float = 0.0) -> None:
         self._now = start
+        #: Seconds each ``now()`` adds, so no two readings are equal (0: a still clock).
+        self.drift = drift
         self._wall_offset = wall_start - start
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
 
     def now(self) -> float:
+        self._now += self.drift
         return self._now
 
     def wall(self) -> float:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ from gpuctl.engine.fairqueue import FairQueue
 from gpuctl.engine.fleet import Flight, Gpu, WakeStage, normalize_model
 from gpuctl.engine.leases import LeaseBook, reservation_seconds
 from gpuctl.engine.ledger import Ledger
+from gpuctl.engine.management import Management, route_again
 from gpuctl.engine.meter import CostMeter, CostTotals
 from gpuctl.engine.overview import FleetOverview, overview
 from gpuctl.engine.pausepolicy import PausePolicy
@@ -158,6 +159,7 @@ class Engine:
         self._announcer = Announcer(
             self._queue, self._catalog, self._estimator, self.clock, self._waker.resume_left
         )
+        self._management = Management(self._gpus, self._catalog, self._wake_to_manage)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -588,6 +590,32 @@ class Engine:
             success=True, message=message, gpu=self._view(gpu),
             elapsed_seconds=self.clock.now() - started,
         )
+
+    # -- management calls (pull, push, create, copy, delete, blobs, show) ----------------------
+
+    async def management_targets(
+        self, model: str | None = None, names: Sequence[str] = ()
+    ) -> list[GpuView]:
+        """The GPUs a management call on ``model`` goes to: the ``names`` given (woken
+        together if asleep), else every ready GPU, narrowed to those with ``model`` if any.
+        Each has its ``base_url``. ``Unavailable`` when no GPU runs and none is named."""
+        return [self._view(g) for g in await self._management.targets(model, names)]
+
+    async def _wake_to_manage(self, gpu: Gpu) -> None:
+        await self._waker.wake_by_hand(gpu, wait=True, timeout=None, progress=None)
+
+    def route_again(self, attempt: int, *, answered: bool) -> bool:
+        """A node failed inference attempt number ``attempt`` (from 1); ``answered`` when
+        bytes of its answer had arrived. True: release it as failed and acquire again."""
+        return route_again(attempt, answered=answered)
+
+    def remember_show(self, model: str, body: bytes) -> None:
+        """Keep a node's ``/api/show`` answer, so a sleeping fleet can still describe it."""
+        self._management.remember_show(model, body)
+
+    def shown(self, model: str) -> bytes | None:
+        """An ``/api/show`` answer for ``model`` without asking a node; None: unknown model."""
+        return self._management.shown(model)
 
     # -- views -------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ marked for a re-probe. A node whose proxy refuses the gateway's node token (401/
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import time
@@ -74,8 +75,6 @@ _SKIP = frozenset({
 _KEEPALIVE_SECONDS = 15.0
 #: Characters of a request's model name the ledger keeps (Ollama's names are far shorter).
 MODEL_NAME_KEPT = 200
-#: Tries per request when nodes fail before answering (each on another GPU if one is ready).
-_ATTEMPTS = 3
 _USAGE_BODY_LIMIT = 256 * 1024
 #: What a node's proxy answers when the gateway's node token is wrong (gpu-node/Caddyfile).
 _REFUSED = frozenset({401, 403})
@@ -300,10 +299,11 @@ class _Call:
         Inference has no side effects, so while nothing has reached the client a request
         whose node fails (refused, reset, died before its first byte) is routed again: the
         failed GPU is released with ``failed=`` (the engine takes it out of rotation until a
-        probe finds it well), and the next acquire picks, or wakes, another one.
+        probe finds it well), and the next acquire picks, or wakes, another one, for as long
+        as the engine says so (``Engine.route_again``).
         """
         gw = self.gw
-        for attempt in range(1, _ATTEMPTS + 1):
+        for attempt in itertools.count(1):
             try:
                 ticket = await gw.engine.acquire(
                     self.model, self.user, progress=self._progress if self.notifier else None,
@@ -326,11 +326,11 @@ class _Call:
                 return await self._fail(502, f"GPU {ticket.gpu_name} {exc}")
             except UpstreamError as exc:
                 failed = f"{ticket.gpu_name}: {exc}"
-                if exc.sent or attempt == _ATTEMPTS:
+                if not gw.engine.route_again(attempt, answered=exc.sent):
                     return await self._fail(502, f"GPU {ticket.gpu_name} failed: {exc}")
             finally:
                 gw.engine.release(ticket, usage, failed=failed)
-        raise AssertionError("unreachable: the last attempt returns")
+        raise AssertionError("unreachable: the engine ends the attempts")
 
     async def _relay(self, ticket: Ticket) -> tuple[int, Usage | None, str | None]:
         path = self.scope["path"]

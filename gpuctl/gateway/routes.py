@@ -5,7 +5,9 @@ engine knows and never wake a GPU (listing models woke GPUs in the service gpuct
 replaces). ``/api/show`` asks a running GPU that has the model, and remembers the answer so
 a sleeping fleet can still describe its models. ``pull``, ``push``, ``create``, ``copy``,
 ``delete`` and blobs change nodes, so they are admin-only (the app checks the role) and go
-to every running GPU, or to the GPUs named in ``X-Gpuctl-Gpu`` (woken if need be).
+to the GPUs the engine picks (``Engine.management_targets``: every running GPU, or the ones
+named in ``X-Gpuctl-Gpu``, woken if need be). What is asked and remembered is the engine's
+business; this module only relays.
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ from typing import Any
 import httpx
 from quart import Blueprint, Response, current_app, request
 
-from gpuctl.cloud.base import Workspace
 from gpuctl.engine.api import GpuView, ModelView
-from gpuctl.errors import GpuctlError, NodeError, Unavailable, UsageError
+from gpuctl.errors import GpuctlError, NodeError, UsageError
 from gpuctl.gateway.context import Gateway
 from gpuctl.gateway.jsonbody import BadJson, load_object
-from gpuctl.node.client import node_url
 
-__all__ = ["OLLAMA_VERSION", "base_url", "blueprint", "gateway", "json_response"]
+__all__ = ["OLLAMA_VERSION", "blueprint", "gateway", "json_response"]
 
 #: The Ollama API level the gateway speaks (clients gate features on /api/version).
 OLLAMA_VERSION = "0.12.6"
@@ -67,12 +67,11 @@ def _model_of(body: dict[str, Any]) -> str:
     return model
 
 
-def base_url(gw: Gateway, gpu: GpuView) -> str:
-    """Where a GPU's Ollama answers: from the engine, else from ``gpu.ollama_url``."""
-    if gpu.base_url:
-        return gpu.base_url
-    ws = Workspace(id=gpu.id, name=gpu.name, status=gpu.cloud_status, ip=gpu.ip, fqdn=gpu.fqdn)
-    return node_url(gw.config.gpu.ollama_url, ws)
+def _url(gpu: GpuView, path: str) -> str:
+    """``path`` on the GPU's Ollama; the engine gives a ready or targeted GPU its URL."""
+    if not gpu.base_url:
+        raise NodeError(f"{gpu.name} has no address yet")
+    return f"{gpu.base_url}{path}"
 
 
 # -- fleet listings -------------------------------------------------------------------------
@@ -131,63 +130,38 @@ async def show() -> Response:
     gw = gateway()
     body = await _body()
     model = _model_of(body)
-    ready = [g for g in gw.engine.gpus_with_model(model) if g.state.ready]
+    ready = [g for g in gw.engine.gpus_with_model(model) if g.state.ready and g.base_url]
     for gpu in ready:
         try:
-            upstream = await gw.http.post(f"{base_url(gw, gpu)}/api/show", json=body,
+            upstream = await gw.http.post(_url(gpu, "/api/show"), json=body,
                                           headers=gw.node_headers_dict())
         except httpx.HTTPError:
             continue
         if upstream.status_code == 200:
-            gw.show_cache[_key(model)] = upstream.content
+            gw.engine.remember_show(model, upstream.content)
         return Response(upstream.content, status=upstream.status_code,
                         content_type=upstream.headers.get("content-type", "application/json"),
                         headers={"X-Gpuctl-Gpu": gpu.name})
-    cached = gw.show_cache.get(_key(model))
-    if cached is not None:
-        return Response(cached, content_type="application/json; charset=utf-8")
-    for known in gw.engine.models():
-        if _key(known.name) == _key(model):
-            answer: dict[str, Any] = {
-                "license": "", "modelfile": "", "parameters": "", "template": "",
-                "details": known.details, "model_info": {}, "capabilities": [],
-            }
-            if known.modified_at:
-                answer["modified_at"] = known.modified_at
-            return json_response(answer)
+    shown = gw.engine.shown(model)
+    if shown is not None:
+        return Response(shown, content_type="application/json; charset=utf-8")
     return _error(f"model '{model}' not found", 404)
-
-
-def _key(model: str) -> str:
-    return model if ":" in model else f"{model}:latest"
 
 
 # -- management: admin only (checked by the app) -------------------------------------------
 
 
 async def _targets(gw: Gateway, model: str | None = None) -> list[GpuView]:
-    """The GPUs named in ``X-Gpuctl-Gpu`` (woken if asleep), else every running GPU."""
+    """The engine's GPUs for this call; ``X-Gpuctl-Gpu`` names them (comma-separated)."""
     named = request.headers.get("X-Gpuctl-Gpu", "")
     refs = [r.strip() for r in named.split(",") if r.strip()]
-    if refs:
-        gpus = [gw.engine.gpu(ref) for ref in refs]
-        for gpu in gpus:
-            if not gpu.state.ready:
-                await gw.engine.wake(gpu.id, wait=True)
-        return [gw.engine.gpu(g.id) for g in gpus]
-    gpus = [g for g in gw.engine.gpus() if g.state.ready]
-    if model is not None:
-        gpus = [g for g in gpus if g in gw.engine.gpus_with_model(model)] or gpus
-    if not gpus:
-        raise Unavailable("no GPU is running; name one in the X-Gpuctl-Gpu header to wake it",
-                          retry_after=60)
-    return gpus
+    return await gw.engine.management_targets(model, refs)
 
 
 async def _progress_lines(gw: Gateway, gpu: GpuView, path: str, body: dict[str, Any],
                           out: asyncio.Queue[tuple[GpuView, bytes | None, str | None]]) -> None:
     try:
-        async with gw.http.stream("POST", f"{base_url(gw, gpu)}{path}", json=body,
+        async with gw.http.stream("POST", _url(gpu, path), json=body,
                                   headers=gw.node_headers_dict()) as upstream:
             if upstream.status_code != 200:
                 text = (await upstream.aread()).decode("utf-8", "replace")
@@ -308,7 +282,7 @@ async def _fan_out_plain(method: str, path: str, content: bytes,
     results: list[tuple[GpuView, httpx.Response | None, str]] = []
     for gpu in targets:
         try:
-            upstream = await gw.http.request(method, f"{base_url(gw, gpu)}{path}",
+            upstream = await gw.http.request(method, _url(gpu, path),
                                              content=content, headers=gw.node_headers_dict())
             results.append((gpu, upstream, ""))
         except httpx.HTTPError as exc:

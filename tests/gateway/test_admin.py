@@ -113,6 +113,20 @@ async def test_copy_and_delete_reach_the_gpus_with_the_model(make_world: WorldFa
         assert "mine:latest" not in world.nodes["gpu-1"].models
 
 
+async def test_copy_and_delete_reach_a_leased_gpu_too(make_world: WorldFactory) -> None:
+    # A clock that moves at every reading, as a real one does: two snapshots of a leased GPU
+    # differ in their lease's seconds left, which once made a leased GPU drop out.
+    async with make_world(GpuSpec("gpu-1"), GpuSpec("gpu-2"), drift=0.001) as world:
+        ticket = await world.engine.acquire("llama3.2", "alice")
+        world.engine.release(ticket)
+        assert world.gpu(ticket.gpu_name).leases
+        client = world.ollama(world.admin_key)
+        await client.copy("llama3.2", "mine:latest")
+        assert all("mine:latest" in node.models for node in world.nodes.values())
+        await client.delete("mine")
+        assert not any("mine:latest" in node.models for node in world.nodes.values())
+
+
 async def test_blob_upload_goes_to_the_named_gpu(make_world: WorldFactory) -> None:
     data = b"weights"
     digest = "sha256:" + hashlib.sha256(data).hexdigest()

@@ -114,10 +114,10 @@ def world_factory(tmp_path: Path) -> WorldFactory:
     @contextlib.asynccontextmanager
     async def factory(*gpus: GpuSpec, slots: int = 2, max_queue: int = 64,
                       max_body_mb: float = 64, known: dict[str, list[str]] | None = None,
-                      wait_notice: str = "thinking",
+                      wait_notice: str = "thinking", drift: float = 0.0,
                       server: dict[str, Any] | None = None) -> AsyncIterator[World]:
         gpus = gpus or (GpuSpec("gpu-1"),)
-        clock = FakeClock()
+        clock = FakeClock(drift=drift)
         cloud = SimCloud(clock, resume_seconds=60, pause_seconds=30, ollama_seconds=5)
         config = Config.model_validate({
             "server": {"max_queue": max_queue, "queue_timeout_seconds": 900,
