@@ -520,8 +520,8 @@ def _error_message(text: str) -> str | None:
 
 _COUNTS = {
     name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
-    for name in ("prompt_eval_count", "eval_count", "prompt_tokens", "completion_tokens",
-                 "input_tokens", "output_tokens")
+    for name in ("prompt_eval_count", "eval_count", "load_duration", "prompt_tokens",
+                 "completion_tokens", "input_tokens", "output_tokens")
 }
 
 
@@ -533,10 +533,16 @@ def _count(data: bytes, name: str) -> int | None:
 
 
 def _usage(data: bytes) -> Usage | None:
-    """Token counts from the end of an answer: Ollama's final line, or OpenAI's usage."""
+    """Token counts from the end of an answer: Ollama's final line, or OpenAI's usage.
+
+    Ollama's final line also says how long loading the model took (``load_duration``, ns),
+    which is how the engine learns load times; the ``/v1`` answers do not carry it.
+    """
     if b"eval_count" in data:
+        load = _count(data, "load_duration")
         return Usage(tokens_in=_count(data, "prompt_eval_count") or 0,
-                     tokens_out=_count(data, "eval_count") or 0)
+                     tokens_out=_count(data, "eval_count") or 0,
+                     load_seconds=load / 1e9 if load else None)
     if b'"usage"' not in data:
         return None
     tokens_in = _count(data, "prompt_tokens")

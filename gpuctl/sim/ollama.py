@@ -78,7 +78,8 @@ class SimOllama:
     requests: ``up`` (False: every route but ``/`` answers 503), ``die_after`` (drop the
     connection after that many chunks), ``hold_after`` with ``release()`` (park streams
     after that many chunks until released; call it in the server's loop), ``token``
-    (demand ``Authorization: Bearer <token>``).
+    (demand ``Authorization: Bearer <token>``), ``load_seconds`` (the ``load_duration``
+    reported when the model was not loaded yet).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class SimOllama:
         embed_dim: int = 8,
         delay: float = 0.0,
         text: str | None = None,
+        load_seconds: float = 0.0,
     ) -> None:
         names = [_normalise(m) for m in models]
         self.models: dict[str, dict[str, Any]] = {m: _tag_entry(m) for m in names}
@@ -103,6 +105,9 @@ class SimOllama:
         self.version = version
         self.token = token
         self.embed_dim = embed_dim
+        #: The ``load_duration`` a request reports when its model was not in memory yet
+        #: (reported, never slept: the engine learns load times from it).
+        self.load_seconds = load_seconds
         self.up = True
         self.die_after: int | None = None
         self.hold_after: int | None = None
@@ -237,6 +242,7 @@ class SimOllama:
         if model not in self.models:
             await _error(send, 404, f'model "{raw_model}" not found, try pulling it first', openai)
             return
+        cold = model not in self.loaded
         self.loaded.add(model)
         if path == "/api/show":
             await _json(send, 200, self._show(model))
@@ -261,17 +267,18 @@ class SimOllama:
                 "usage": {"prompt_tokens": count, "total_tokens": count},
             })
         else:
-            await self._generate(path, raw_model, req, send)
+            await self._generate(path, raw_model, req, send, cold=cold)
 
     # -- inference --------------------------------------------------------------------
 
-    async def _generate(self, path: str, model: str, req: dict[str, Any], send: Send) -> None:
+    async def _generate(self, path: str, model: str, req: dict[str, Any], send: Send, *,
+                        cold: bool = False) -> None:
         openai = path.startswith("/v1/")
         stream = bool(req.get("stream", not openai))
         self._seq += 1
         if not stream:
             await self._sleep(self.delay)
-            await _json(send, 200, self._whole(path, model, req))
+            await _json(send, 200, self._whole(path, model, req, cold))
             return
         content_type = SSE_CT if openai else NDJSON_CT
         await send({"type": "http.response.start", "status": 200,
@@ -291,7 +298,7 @@ class SimOllama:
                     await self._sleep(self.interval)
                 await send({"type": "http.response.body",
                             "body": self._chunk(path, model, req, i), "more_body": True})
-            await send({"type": "http.response.body", "body": self._final(path, model, req),
+            await send({"type": "http.response.body", "body": self._final(path, model, req, cold),
                         "more_body": False})
             self.completed_streams += 1
         except (asyncio.CancelledError, OSError):
@@ -330,10 +337,10 @@ class SimOllama:
                      "system_fingerprint": "fp_ollama",
                      "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
 
-    def _final(self, path: str, model: str, req: dict[str, Any]) -> bytes:
+    def _final(self, path: str, model: str, req: dict[str, Any], cold: bool) -> bytes:
         if path in NATIVE_STREAMS:
             line: dict[str, Any] = {"model": model, "created_at": _now(), "done": True,
-                                    "done_reason": "stop", **self._durations()}
+                                    "done_reason": "stop", **self._durations(cold)}
             if path == "/api/chat":
                 line["message"] = {"role": "assistant", "content": ""}
             else:
@@ -358,15 +365,15 @@ class SimOllama:
                          "usage": self._usage()})
         return out + b"data: [DONE]\n\n"
 
-    def _whole(self, path: str, model: str, req: dict[str, Any]) -> dict[str, Any]:
+    def _whole(self, path: str, model: str, req: dict[str, Any], cold: bool) -> dict[str, Any]:
         text = self._answer(model)
         if path == "/api/chat":
             return {"model": model, "created_at": _now(),
                     "message": {"role": "assistant", "content": text}, "done": True,
-                    "done_reason": "stop", **self._durations()}
+                    "done_reason": "stop", **self._durations(cold)}
         if path == "/api/generate":
             return {"model": model, "created_at": _now(), "response": text, "done": True,
-                    "done_reason": "stop", **self._durations()}
+                    "done_reason": "stop", **self._durations(cold)}
         if path == "/v1/responses":
             return self._response_object(model)
         if path == "/v1/completions":
@@ -402,8 +409,10 @@ class SimOllama:
     def _answer(self, model: str) -> str:
         return "".join(self._words(model))
 
-    def _durations(self) -> dict[str, int]:
-        return {"total_duration": 5_000_000, "load_duration": 1_000_000, "prompt_eval_count": 7,
+    def _durations(self, cold: bool) -> dict[str, int]:
+        load = int(self.load_seconds * 1e9) if cold and self.load_seconds else 1_000_000
+        return {"total_duration": 5_000_000 + load, "load_duration": load,
+                "prompt_eval_count": 7,
                 "prompt_eval_duration": 1_000_000, "eval_count": self.chunks,
                 "eval_duration": 3_000_000}
 

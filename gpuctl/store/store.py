@@ -214,9 +214,18 @@ class Store:
         return history
 
     def record_load(self, model: str, seconds: float, at: float) -> None:
-        self.conn.execute(
-            "INSERT INTO load_history (model, seconds, at) VALUES (?, ?, ?)", (model, seconds, at)
-        )
+        """Keep a load time, and only the newest ``HISTORY_KEEP`` per model (as resumes)."""
+        with self._transaction():
+            self.conn.execute(
+                "INSERT INTO load_history (model, seconds, at) VALUES (?, ?, ?)",
+                (model, seconds, at),
+            )
+            self.conn.execute(
+                """DELETE FROM load_history WHERE model = ? AND rowid NOT IN (
+                    SELECT rowid FROM load_history WHERE model = ?
+                    ORDER BY at DESC LIMIT ?)""",
+                (model, model, HISTORY_KEEP),
+            )
 
     def load_history(self) -> dict[str, list[float]]:
         history: dict[str, list[float]] = {}

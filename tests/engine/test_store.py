@@ -70,6 +70,18 @@ def test_known_models_and_resume_history_persist(tmp_path: Path) -> None:
     store.close()
 
 
+def test_load_history_keeps_only_the_newest_loads_per_model(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    for n in range(HISTORY_KEEP + 5):
+        store.record_load("qwen3:8b", 10.0 + n, float(n))
+    store.record_load("llama3.2:latest", 3.0, 0.0)
+    rows = store.conn.execute("SELECT COUNT(*) FROM load_history").fetchone()[0]
+    assert rows == HISTORY_KEEP + 1  # pruned on disk, not only when read
+    assert store.load_history()["qwen3:8b"] == [10.0 + n for n in range(5, HISTORY_KEEP + 5)]
+    assert store.load_history()["llama3.2:latest"] == [3.0]
+    store.close()
+
+
 def test_the_database_runs_in_wal_mode(tmp_path: Path) -> None:
     store = Store.open(tmp_path)
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -173,3 +173,20 @@ async def test_keep_alive_connection_serves_requests_back_to_back(
         assert tags.status_code == 200
         r = await c.post("/api/generate", json={"model": "llama3.2", "stream": False})
         assert r.json()["done"] is True
+
+
+async def test_the_engine_learns_load_times_from_ollamas_final_line(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world(GpuSpec("gpu-1", models=("llama3.2:latest", "qwen3:8b"))) as world:
+        node = world.nodes["gpu-1"]
+        node.load_seconds = 30.0
+        client = world.ollama()
+        await client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+        await client.chat(model="llama3.2", messages=[])  # warm now: nothing to learn
+        node.load_seconds = 12.5
+        parts = [p async for p in await client.generate(model="qwen3:8b", prompt="hi",
+                                                         stream=True)]
+        assert parts[-1].load_duration == 12_500_000_000
+        await world.clock.advance(10)  # the engine's next tick writes what it learnt
+        assert world.store.load_history() == {"llama3.2:latest": [30.0], "qwen3:8b": [12.5]}
