@@ -1,5 +1,8 @@
 """The engine's public face: the types the CLI and the gateway see, and nothing else.
 
+``ModelView`` is the node layer's type (``gpuctl.node.base``), re-exported here because the
+faces list models too; the engine imports the node layer, never the reverse.
+
 Both faces call the same methods: ``gpuctl resume X --wait`` and ``POST /gpu/X/resume`` are
 one ``Engine.wake`` call. Policy (which GPU, when to wake, when to pause) lives behind these
 methods, never in a face.
@@ -13,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from gpuctl.node.base import ModelView
 from gpuctl.store.ledger import RequestRow
 
 __all__ = [
@@ -48,17 +52,6 @@ class GpuState(str, Enum):
 class LeaseView(BaseModel):
     user: str
     expires_in_seconds: float
-
-
-class ModelView(BaseModel):
-    """One model as a node lists it (``/api/tags``), with the fields Ollama clients require."""
-
-    name: str
-    model: str
-    modified_at: str = ""
-    size: int = 0
-    digest: str = ""
-    details: dict[str, object] = Field(default_factory=dict)
 
 
 class GpuView(BaseModel):

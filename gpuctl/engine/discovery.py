@@ -19,11 +19,10 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gpuctl.cloud.base import CloudProvider, Workspace
 from gpuctl.config import Config
-from gpuctl.engine.api import ModelView
 from gpuctl.engine.background import Background
 from gpuctl.engine.catalog import ModelCatalog
 from gpuctl.engine.clock import Clock
@@ -31,16 +30,15 @@ from gpuctl.engine.fleet import Gpu, normalize_model
 from gpuctl.engine.leases import reservation_seconds
 from gpuctl.engine.roster import Roster
 from gpuctl.errors import GpuctlError
+from gpuctl.node.base import ModelView, NodeProbe
+from gpuctl.node.client import NodeClient
 from gpuctl.store import Store
-
-if TYPE_CHECKING:  # gpuctl.node.base imports the engine's api: no cycle at run time
-    from gpuctl.node.base import NodeProbe
 
 __all__ = ["PROBE_CONCURRENCY", "Discovery", "NodeFactory", "default_nodes"]
 
 log = logging.getLogger(__name__)
 
-NodeFactory = Callable[[Workspace], "NodeProbe"]
+NodeFactory = Callable[[Workspace], NodeProbe]
 
 #: How many nodes are probed at once during a refresh.
 PROBE_CONCURRENCY = 16
@@ -48,9 +46,6 @@ PROBE_CONCURRENCY = 16
 
 def default_nodes(config: Config) -> NodeFactory:
     """HTTP node clients over ``gpu.ollama_url``, with the node token from the environment."""
-    # Imported here: gpuctl.node imports the engine's api, so a top-level import would cycle.
-    from gpuctl.node.client import NodeClient
-
     token = os.environ.get("GPUCTL_NODE_TOKEN")
     template = config.gpu.ollama_url
 

@@ -1,16 +1,28 @@
 """What the engine needs from one GPU's Ollama: is it up, what it has, what it has loaded.
 
 ``gpuctl.node.client.NodeClient`` speaks HTTP to a real node; ``gpuctl.sim`` offers an
-in-memory one for engine tests on a fake clock.
+in-memory one for engine tests on a fake clock. The types here belong to the node layer:
+the engine imports them (and re-exports ``ModelView`` to its faces), never the reverse.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from gpuctl.engine.api import ModelView
+from pydantic import BaseModel, Field
 
-__all__ = ["NodeProbe"]
+__all__ = ["ModelView", "NodeProbe"]
+
+
+class ModelView(BaseModel):
+    """One model as a node lists it (``/api/tags``), with the fields Ollama clients require."""
+
+    name: str
+    model: str
+    modified_at: str = ""
+    size: int = 0
+    digest: str = ""
+    details: dict[str, object] = Field(default_factory=dict)
 
 
 class NodeProbe(Protocol):

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 
 from gpuctl.cloud.base import Workspace
-from gpuctl.engine.api import ModelView
 from gpuctl.errors import NodeError
+from gpuctl.node.base import ModelView
 
 __all__ = ["PROBE_TIMEOUT", "NodeClient", "node_url"]
 

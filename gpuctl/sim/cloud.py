@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpuctl.cloud.base import Workspace
-from gpuctl.engine.api import ModelView
 from gpuctl.engine.clock import Clock
 from gpuctl.errors import ActionRefused, CloudError, CloudUnavailable, GpuNotFound, NodeError
+from gpuctl.node.base import ModelView
 
 __all__ = ["RESUME_FAILURE", "SimAction", "SimCloud", "SimMachine", "SimNodeProbe"]
 
