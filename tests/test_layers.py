@@ -1,4 +1,4 @@
-"""The layers import only downwards.
+"""The layers import only downwards, and only ``credentials.py`` reads a secret.
 
 Read from the source (every ``import`` in every module, those inside functions and
 ``TYPE_CHECKING`` blocks too), so a lazy import cannot hide a cycle or a shortcut. The rules
@@ -13,6 +13,8 @@ import ast
 from pathlib import Path
 
 import pytest
+
+from gpuctl.credentials import _ENV_NAMES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gpuctl"
 
@@ -79,3 +81,35 @@ def test_the_rules_see_a_forbidden_import(tmp_path: Path) -> None:
     assert not _allowed("node.client", ALLOWED["gateway"] or frozenset())
     assert _allowed("cloud.base", ALLOWED["node"] or frozenset())
     assert not _allowed("cloud.surf", ALLOWED["node"] or frozenset())
+
+
+SECRET_VARIABLES = frozenset(name for names in _ENV_NAMES.values() for name in names)
+
+
+def _secret_reads(module: Path) -> list[str]:
+    """Lookups of a secret's variable: ``x.get("GPUCTL_NODE_TOKEN")``, ``os.getenv(...)``,
+    ``environ["..."]``. A hint that only names the variable is no read."""
+    reads: list[str] = []
+    for node in ast.walk(ast.parse(module.read_text(), str(module))):
+        key: ast.expr | None = None
+        if isinstance(node, ast.Call) and node.args and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("get", "getenv", "pop"):
+            key = node.args[0]
+        elif isinstance(node, ast.Subscript):
+            key = node.slice
+        if isinstance(key, ast.Constant) and key.value in SECRET_VARIABLES:
+            reads.append(f"line {node.lineno}: {key.value}")
+    return reads
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.name != "credentials.py"],
+                         ids=lambda m: str(m.relative_to(PACKAGE)))
+def test_only_credentials_reads_a_secret_from_the_environment(module: Path) -> None:
+    assert _secret_reads(module) == []
+
+
+def test_the_secret_rule_sees_a_read(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text('import os\nhint = "set GPUCTL_NODE_TOKEN"\n'
+                      'token = os.environ.get("GPUCTL_NODE_TOKEN")\n')
+    assert _secret_reads(sample) == ["line 3: GPUCTL_NODE_TOKEN"]

@@ -20,12 +20,11 @@ if TYPE_CHECKING:
     from keyring.backend import KeyringBackend
     from rich.console import Console
 
-    from gpuctl.cloud.base import CloudProvider, Workspace
+    from gpuctl.cloud.base import CloudProvider
     from gpuctl.config import Config, LoadedConfig
     from gpuctl.credentials import Credentials
     from gpuctl.engine.clock import Clock
-    from gpuctl.engine.engine import Engine, NodeFactory
-    from gpuctl.node.base import NodeProbe
+    from gpuctl.engine.engine import Engine
     from gpuctl.store import Store
 
 __all__ = ["AppContext", "CloudFactory", "EngineFactory", "run_sync"]
@@ -113,6 +112,12 @@ class AppContext:
 
         return Credentials(self.env, keyring_backend=self.keyring_backend)
 
+    def node_token(self) -> str | None:
+        """The GPU nodes' token, wherever ``Credentials`` found it (environment, credential
+        file or keyring): the one source for the engine's probes and the gateway's proxy."""
+        found = self.credentials().find("node_token")
+        return found.value if found else None
+
     def cloud(self) -> CloudProvider:
         """The configured provider; a missing token fails here with exit 4."""
         if self.cloud_factory is not None:
@@ -135,9 +140,8 @@ class AppContext:
             return self.engine_factory(self.config, cloud, store)
         from gpuctl.engine.engine import Engine
 
-        node_token = self.credentials().find("node_token")
         return Engine(self.config, cloud, store, clock=self.clock, observe_fleet=observe_fleet,
-                      nodes=_node_factory(self.config, node_token.value if node_token else None))
+                      node_token=self.node_token())
 
     @contextlib.asynccontextmanager
     async def engine_session(self) -> AsyncIterator[Engine]:
@@ -163,14 +167,3 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
     return asyncio.run(coro)
 
-
-def _node_factory(config: Config, token: str | None) -> NodeFactory:
-    """Node clients that get the node token from wherever ``Credentials`` found it
-    (environment, credential file or keyring), not only from ``GPUCTL_NODE_TOKEN``."""
-    from gpuctl.node.client import NodeClient
-
-    def make(ws: Workspace) -> NodeProbe:
-        client: NodeProbe = NodeClient.for_workspace(ws, config.gpu.ollama_url, token=token)
-        return client
-
-    return make

@@ -139,8 +139,7 @@ async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider
         keys = KeyStore.open(state_dir(config, app_ctx.env))
         try:
             engine = app_ctx.make_engine(cloud, store)
-            token = app_ctx.credentials().find("node_token")
-            app = create_app(config, engine, keys, node_token=token.value if token else None)
+            app = create_app(config, engine, keys, node_token=app_ctx.node_token())
             sock = _bind(config.server.host, config.server.port)
             scheme = "https" if settings.tls else "http"
             try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -44,9 +43,9 @@ NodeFactory = Callable[[Workspace], NodeProbe]
 PROBE_CONCURRENCY = 16
 
 
-def default_nodes(config: Config) -> NodeFactory:
-    """HTTP node clients over ``gpu.ollama_url``, with the node token from the environment."""
-    token = os.environ.get("GPUCTL_NODE_TOKEN")
+def default_nodes(config: Config, token: str | None) -> NodeFactory:
+    """HTTP node clients over ``gpu.ollama_url``, sending ``token`` (found by the caller's
+    ``Credentials``: the engine never reads the process environment for a secret)."""
     template = config.gpu.ollama_url
 
     def make(ws: Workspace) -> NodeProbe:

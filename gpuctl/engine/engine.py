@@ -102,6 +102,7 @@ class Engine:
         nodes: NodeFactory | None = None,
         observe_fleet: bool = True,
         cost_meter: bool = True,
+        node_token: str | None = None,
     ) -> None:
         """``observe_fleet=False``: an engine for one CLI command, which records on the
         ledger only the actions it takes (the gateway keeps the record of the fleet).
@@ -151,8 +152,8 @@ class Engine:
             policy=self._policy,
         )
         self._discovery = Discovery(
-            config, cloud, clock=self.clock, store=store,
-            nodes=nodes if nodes is not None else default_nodes(config), roster=self._roster,
+            config, cloud, clock=self.clock, store=store, roster=self._roster,
+            nodes=nodes if nodes is not None else default_nodes(config, node_token),
             catalog=self._catalog, background=self._background, drain=self._drain,
             resupply=self._waker.resupply,
         )

@@ -6,7 +6,6 @@ provides them), so the gateway depends on the contract, not on the engine's insi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -100,9 +99,9 @@ class Gateway:
         )
         self.auth = Authenticator(self.keys)
         self.metrics = GatewayMetrics(lambda: self.engine)
+        # The node token is handed in (``serve`` gets it from ``Credentials``), never read
+        # from the environment here: one owner for each secret.
         token = self.node_token
-        if token is None:
-            token = os.environ.get("GPUCTL_NODE_TOKEN") or None
         self.node_headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self.max_body = int(self.config.server.max_body_mb * 1024 * 1024)
         self.stalls = StallWatch(self.config.server.stall_timeout_seconds)

@@ -138,3 +138,30 @@ def test_serve_refuses_a_tls_cert_without_its_key(tmp_path: Path) -> None:
                     env={"GPUCTL_SERVER__TLS_CERT": str(cert)})
     assert result.exit_code != 0
     assert "tls_key" in result.stderr
+
+
+def test_serve_sends_a_node_token_from_a_credential_file_to_probes_and_proxy(
+    gpuctl_home: Path, gpuctl_process: GpuctlProcess, tmp_path: Path,
+) -> None:
+    keys = KeyStore.open(gpuctl_home / "state")
+    _, secret = keys.create("alice")
+    keys.close()
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "node_token").write_text("node-secret\n")
+    node = SimOllama(["llama3.2"], token="node-secret")  # answers nothing without it
+    with ServerThread(node) as node_url:
+        env = {"GPUCTL_CLOUD_API__PROVIDER": "static", "GPUCTL_CLOUD_API__HOSTS": node_url,
+               "CREDENTIALS_DIRECTORY": str(credentials)}
+        with gpuctl_process("serve", "--port", "0", env=env) as proc:
+            assert proc.stderr is not None
+            match = re.search(r"http://([\d.]+:\d+)", proc.stderr.readline())
+            assert match
+            with httpx.Client(base_url=f"http://{match.group(1)}", timeout=10,
+                              headers={"Authorization": f"Bearer {secret}"}) as client:
+                r = client.post("/api/chat", json={"model": "llama3.2", "stream": False})
+            assert r.status_code == 200, r.text  # the probe found the model: token sent
+            assert node.last_headers["authorization"] == "Bearer node-secret"  # the proxy's
+            assert node.requests["/api/tags"] >= 1
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0

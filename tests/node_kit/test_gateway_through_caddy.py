@@ -4,8 +4,8 @@ The whole chain over real sockets on 127.0.0.1: the real ``ollama`` and ``openai
 → the gateway (``running_gateway``, the real engine on a fake clock) → ``caddy`` running
 ``gpu-node/Caddyfile`` → a simulated Ollama with no token of its own (on a node, Caddy is
 the only door). The engine finds the node the way ``gpuctl serve`` does: the workspace's IP
-filled into ``gpu.ollama_url`` and the real ``NodeClient`` factory with
-``GPUCTL_NODE_TOKEN``, so the probes pass through Caddy too. HTTPS uses Caddy's internal CA,
+filled into ``gpu.ollama_url`` and the real ``NodeClient`` factory with the node token
+handed to the engine, so the probes pass through Caddy too. HTTPS uses Caddy's internal CA,
 trusted through the standard ``SSL_CERT_FILE`` variable by both the probes (httpx) and the
 gateway's own upstream pool.
 """
@@ -100,7 +100,7 @@ def make_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ChainFactory:
     """``make_chain(scheme=..., gateway_token=...)``: the whole chain, torn down after.
 
     ``gateway_token`` is the token the gateway's hot path sends; the probes always use the
-    right one (``GPUCTL_NODE_TOKEN``), so a wrong gateway token shows on the hot path alone.
+    right one (handed to the engine), so a wrong gateway token shows on the hot path alone.
     """
 
     @contextlib.asynccontextmanager
@@ -121,7 +121,6 @@ def make_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ChainFactory:
                     if scheme == "https":
                         # Trust Caddy's internal CA the standard way, for httpx and the pool.
                         monkeypatch.setenv("SSL_CERT_FILE", str(caddy.root_cert))
-                    monkeypatch.setenv("GPUCTL_NODE_TOKEN", TOKEN)
                     config = Config.model_validate({
                         "gpu": {"slots": 1, "ollama_url": f"{scheme}://{{ip}}:{caddy.port}"},
                     })
@@ -129,7 +128,7 @@ def make_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ChainFactory:
                     cloud = SimCloud(clock)
                     cloud.add(GPU, status="running", models=[MODEL], ip="127.0.0.1")
                     # nodes= left out: the engine's default NodeClient factory, as in serve.
-                    engine = Engine(config, cloud, store, clock=clock)
+                    engine = Engine(config, cloud, store, clock=clock, node_token=TOKEN)
                     app = create_app(config, engine, keys, node_token=gateway_token)
                     async with running_gateway(app) as url:
                         chain = Chain(url, user_key, node, caddy, engine,
