@@ -139,6 +139,7 @@ class Engine:
         self._user_cap = config.server.max_slots_per_user or max(1, config.gpu.slots // 2)
         self._ticket_ids = itertools.count(1)
         self._loop_task: asyncio.Task[None] | None = None
+        self._refresh_error: str | None = None
         self._counters = {"resume": 0, "pause": 0, "wake_failures": 0, "granted": 0,
                           "rejected": 0}
         self._loads: list[tuple[str, float, float]] = []  # written by the next tick
@@ -258,7 +259,16 @@ class Engine:
 
     async def refresh(self, *, probe: bool = True) -> None:
         """Re-discover the fleet (every page) and, unless ``probe=False``, probe the nodes."""
-        await self._discovery.refresh(probe=probe)
+        try:
+            await self._discovery.refresh(probe=probe)
+        except CloudError as exc:
+            self._refresh_error = str(exc)
+            raise
+        self._refresh_error = None
+
+    def refresh_error(self) -> str | None:
+        """Why the last fleet refresh failed (the fleet view may be stale), None if it worked."""
+        return self._refresh_error
 
     def apply_workspace(self, gpu: Gpu, ws: Workspace) -> bool:
         """Take in a fresh read of ``ws``; False when the GPU is no longer in the fleet."""

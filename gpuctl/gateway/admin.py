@@ -1,8 +1,11 @@
 """The admin API of the service gpuctl replaces, same shapes, plus ``/metrics``.
 
 ``/health`` needs no key; ``/gpu/discover`` and ``/gpu/{id}/status`` need any key;
-``/gpu/{id}/resume`` and ``/gpu/{id}/pause`` need an admin key (the app checks roles);
-``/admin/usage`` needs any key and shows a user key only its own rows.
+``/gpu/{id}/resume``, ``/gpu/{id}/pause`` and ``/gpu/discover?refresh=1`` need an admin key
+(the app checks roles); ``/admin/usage`` needs any key and shows a user key only its own
+rows. ``/gpu/discover`` answers from the engine's fleet view, which the engine's loop keeps
+fresh (every page of the cloud each poll): a key holder asking in a loop costs the cloud API
+nothing; an admin may ask for a fresh read with ``?refresh=1``.
 Resume and pause are the very ``Engine.wake`` / ``Engine.pause`` calls of ``gpuctl resume``
 and ``gpuctl pause``; an action the state does not allow comes back as a 4xx with a reason.
 """
@@ -58,15 +61,25 @@ async def health() -> Response:
     return json_response({"status": "healthy", "service": "gpuctl"})
 
 
+def refresh_asked() -> bool:
+    """``/gpu/discover?refresh=1``: an admin asks for a fresh read of the cloud."""
+    return _flag("refresh")
+
+
 @blueprint.route("/gpu/discover", methods=["GET"])
 async def discover() -> Response:
     engine = gateway().engine
     payload: dict[str, Any] = {}
-    try:
-        await engine.refresh(probe=False)
-    except CloudError as exc:
+    error = engine.refresh_error()
+    if refresh_asked():
+        try:
+            await engine.refresh(probe=False)
+            error = None
+        except CloudError as exc:
+            error = str(exc)
+    if error is not None:
         # The cloud API is down: answer with what the engine last saw, and say so.
-        payload["warning"] = f"cloud API unavailable, showing the last known fleet: {exc}"
+        payload["warning"] = f"cloud API unavailable, showing the last known fleet: {error}"
     gpus = engine.gpus()
     payload = {"discovered_gpus": len(gpus), "gpus": [gpu_summary(g) for g in gpus], **payload}
     return json_response(payload)
@@ -90,8 +103,12 @@ def _action(result: ActionResult) -> Response:
     })
 
 
+def _flag(name: str) -> bool:
+    return request.args.get(name, "").lower() in ("1", "true", "yes")
+
+
 def _wait_flag() -> bool:
-    return request.args.get("wait", "").lower() in ("1", "true", "yes")
+    return _flag("wait")
 
 
 @blueprint.route("/gpu/<ref>/resume", methods=["POST"])

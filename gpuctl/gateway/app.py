@@ -47,9 +47,11 @@ ADMIN_PREFIXES = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/de
 KEY_FLUSH_SECONDS = 30.0
 
 
-def _needs_admin(path: str, method: str) -> bool:
+def _needs_admin(path: str) -> bool:
     if path.startswith(ADMIN_PREFIXES):
         return True
+    if path == "/gpu/discover":
+        return admin.refresh_asked()  # reading the cloud afresh is an admin's call
     return path.startswith("/gpu/") and path.endswith(("/resume", "/pause"))
 
 
@@ -200,7 +202,7 @@ def _install_auth(quart: Quart, gw: Gateway) -> None:
         if _is_ui(path):
             return  # the status page signs in once and checks its cookie (gateway/ui.py)
         gw.auth.check(request.headers.get("Authorization"),
-                      admin=_needs_admin(path, request.method))
+                      admin=_needs_admin(path))
 
     @quart.after_request
     async def observe(response: Response) -> Response:

@@ -20,6 +20,35 @@ async def test_discover_lists_gpus_in_the_old_shape(make_world: WorldFactory) ->
                                                                      ("gpu-2", "paused")]
 
 
+async def test_discover_answers_from_the_fleet_view_without_asking_the_cloud(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world() as world, world.client() as c:
+        calls = world.cloud.list_calls
+        for _ in range(5):
+            assert (await c.get("/gpu/discover")).json()["discovered_gpus"] == 1
+        assert world.cloud.list_calls == calls
+        world.cloud.add("gpu-new")
+        await world.clock.advance(10)  # the engine's own poll finds it
+        names = [g["name"] for g in (await c.get("/gpu/discover")).json()["gpus"]]
+        assert names == ["gpu-1", "gpu-new"]
+
+
+async def test_discover_refresh_is_for_admins_only(make_world: WorldFactory) -> None:
+    async with make_world() as world, world.client() as user, \
+            world.client(world.admin_key) as admin:
+        world.cloud.add("gpu-new")
+        calls = world.cloud.list_calls
+        refused = await user.get("/gpu/discover", params={"refresh": "1"})
+        assert refused.status_code == 403
+        assert refused.json() == {"error": "this endpoint needs an admin key"}
+        assert world.cloud.list_calls == calls
+        fresh = await admin.get("/gpu/discover", params={"refresh": "1"})
+        assert fresh.status_code == 200
+        assert world.cloud.list_calls == calls + 1
+        assert [g["name"] for g in fresh.json()["gpus"]] == ["gpu-1", "gpu-new"]
+
+
 async def test_status_of_one_gpu_and_404_for_an_unknown_one(make_world: WorldFactory) -> None:
     async with make_world() as world, world.client() as c:
         r = await c.get("/gpu/gpu-1/status")
