@@ -277,6 +277,14 @@ def _parse_env_value(raw: str) -> Any:
     return raw
 
 
+def _parse_value(key: str, raw: str) -> Any:
+    """A value given as text (environment, ``config set``); ``hosts`` may be comma-separated."""
+    value: Any = _parse_env_value(raw)
+    if key == "hosts" and isinstance(value, str):
+        value = [h.strip() for h in value.split(",") if h.strip()]
+    return value
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, tuple[Any, str]]]:
     found: dict[str, dict[str, tuple[Any, str]]] = {}
     for name, raw in env.items():
@@ -287,9 +295,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, tuple[Any, str
             continue
         if key not in SECTIONS[section].model_fields:
             raise ConfigError(f"environment variable {name}: unknown key '{section}.{key}'")
-        value: Any = _parse_env_value(raw)
-        if key == "hosts" and isinstance(value, str):
-            value = [h.strip() for h in value.split(",") if h.strip()]
+        value = _parse_value(key, raw)
         found.setdefault(section, {})[key] = (value, f"env {name}")
     return found
 
@@ -369,9 +375,7 @@ def load_config(
 def _coerce_for_toml(section: str, key: str, raw: str) -> Any:
     """Turn the text of ``config set`` into the type the model wants, validated."""
     model = SECTIONS[section]
-    value: Any = _parse_env_value(raw)
-    if key == "hosts" and isinstance(value, str):
-        value = [h.strip() for h in value.split(",") if h.strip()]
+    value = _parse_value(key, raw)
     try:
         checked = model.model_validate({key: value})
     except ValidationError as err:

@@ -331,7 +331,7 @@ class Engine:
         now = self.clock.now()
         self._roster.expire(now)
         if not self._queue.depth(name):
-            choice = self._index.choose(name, user, self._leases.of_user(user), self._full(user))
+            choice = self._index.choose(name, self._leases.of_user(user), self._full(user))
             if choice is not None:
                 return self._grant(choice, name, user, model, 0.0, request)
         if not self._catalog.known(name) and not self._waker.unknown_candidates():
@@ -352,7 +352,7 @@ class Engine:
         waiter.request = request
         if request is not None:
             waiter.wake_gpu = self._waker.waking_for(name)  # joins a wake under way
-        choice = self._index.choose(name, user, self._leases.of_user(user), self._full(user))
+        choice = self._index.choose(name, self._leases.of_user(user), self._full(user))
         if choice is not None:  # a free slot nobody handed on yet: hand it on now
             self._drain(choice.gpu)
         if not future.done():

@@ -84,11 +84,12 @@ class RouteIndex:
     def has_free(self, model: str) -> bool:
         return model in self._free
 
-    def choose(self, model: str, user: str, user_leases: Mapping[str, object],
+    def choose(self, model: str, user_leases: Mapping[str, object],
                full: Collection[str] = ()) -> Choice | None:
-        """The best ready GPU with ``model`` and a free slot for ``user``, or ``None``.
+        """The best ready GPU with ``model`` and a free slot, or ``None``; ``user_leases``
+        (the caller's leases by GPU id) puts the caller's own GPUs first.
 
-        ``full``: GPUs on which ``user`` already holds the most slots one user may hold
+        ``full``: GPUs on which the caller already holds the most slots one user may hold
         (``server.max_slots_per_user``); they are passed over. Few, so checked directly.
         """
         if model not in self._free:

@@ -90,13 +90,13 @@ async def _bench(gpus: int, queued: int, rounds: int, calls: int) -> dict[str, f
         start = _now()
         for i in range(calls):
             user = users[i % 1000]
-            index.choose(MODELS[i % 20], user, leases.of_user(user))
+            index.choose(MODELS[i % 20], leases.of_user(user))
         result["choose"].append(_per_call_us(_now() - start, calls))
 
         greedy = leases.of_user("greedy")
         start = _now()
         for i in range(calls):
-            index.choose(MODELS[i % 20], "greedy", greedy)
+            index.choose(MODELS[i % 20], greedy)
         result["greedy"].append(_per_call_us(_now() - start, calls))
 
         start = _now()

@@ -101,9 +101,9 @@ def test_router_prefers_the_users_lease_then_loaded_then_unleased_then_least_use
     index.update(idle_loaded_leased, leased=True)
     index.update(idle_disk, leased=False)
 
-    mine = index.choose("m", "alice", {"idle-disk": object()})
+    mine = index.choose("m", {"idle-disk": object()})
     assert mine is not None and mine.gpu is idle_disk and mine.reason.startswith("leased to you")
-    best = index.choose("m", "bob", {})
+    best = index.choose("m", {})
     assert best is not None and best.gpu is busy_loaded
     assert best.reason == "model loaded, not leased, 2/4 slots in use"
 
@@ -115,10 +115,10 @@ def test_router_skips_full_and_unready_gpus_and_forgets_removed_ones() -> None:
     ok = _gpu("ok", ["m"])
     for gpu in (full, starting, ok):
         index.update(gpu, leased=False)
-    choice = index.choose("m", "u", {})
+    choice = index.choose("m", {})
     assert choice is not None and choice.gpu is ok
     index.remove("ok")
-    assert index.choose("m", "u", {}) is None
+    assert index.choose("m", {}) is None
     assert not index.has_free("m")
 
 
@@ -129,7 +129,7 @@ def test_router_moves_a_gpu_between_buckets_as_slots_fill() -> None:
     index.update(b, leased=False)
     a.in_use = 1
     index.update(a, leased=False)
-    choice = index.choose("m", "u", {})
+    choice = index.choose("m", {})
     assert choice is not None and choice.gpu is b
 
 
@@ -192,7 +192,7 @@ def test_router_choice_matches_the_preference_order(specs: list[tuple[bool, ...]
             mine[gpu.id] = object()
         if ready and in_use < 4:
             ranks[gpu.id] = (not by_me, not loaded, by_me or by_other, in_use)
-    choice = index.choose("m", "me", mine)
+    choice = index.choose("m", mine)
     if not ranks:
         assert choice is None
     else:
