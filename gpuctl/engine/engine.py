@@ -45,7 +45,7 @@ from gpuctl.engine.api import (
 from gpuctl.engine.background import Background
 from gpuctl.engine.budgets import Budgets
 from gpuctl.engine.catalog import ModelCatalog, not_found
-from gpuctl.engine.clock import Clock, SystemClock
+from gpuctl.engine.clock import Clock, SystemClock, wait_with_timeout
 from gpuctl.engine.discovery import Discovery, NodeFactory, default_nodes
 from gpuctl.engine.estimates import Estimator
 from gpuctl.engine.fairqueue import FairQueue
@@ -364,7 +364,7 @@ class Engine:
             wake = timing.startup_timeout_seconds + timing.ollama_readiness_wait_seconds
             limit = max(limit, wake)
         try:
-            return await self._await(future, limit)
+            return await wait_with_timeout(self.clock, future, limit)
         except TimeoutError:
             self._queue.remove(waiter)
             self._counters["rejected"] += 1
@@ -427,17 +427,6 @@ class Engine:
         if not held:
             return []
         return [gpu_id for gpu_id, count in held.items() if count >= self._user_cap]
-
-    async def _await(self, future: asyncio.Future[Ticket], limit: float) -> Ticket:
-        timer: asyncio.Future[Any] = asyncio.ensure_future(self.clock.sleep(limit))
-        waiting: set[asyncio.Future[Any]] = {future, timer}
-        try:
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            timer.cancel()
-        if future.done():
-            return future.result()
-        raise TimeoutError
 
     def _grant(self, choice: Choice, model: str, user: str, given: str, waited: float,
                request: RequestRow | None = None) -> Ticket:
