@@ -18,7 +18,7 @@ import contextlib
 import heapq
 import itertools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 __all__ = ["Clock", "FakeClock", "SystemClock", "VirtualClock", "wait_with_timeout"]
@@ -85,6 +85,18 @@ class FakeClock:
         """Let every ready task run until the loop has nothing left to do at this instant."""
         for _ in range(rounds):
             await asyncio.sleep(0)
+
+    async def advance_until(self, condition: Callable[[], bool], *, limit: float,
+                            step: float = 1.0) -> float:
+        """Move time forward ``step`` by ``step`` until ``condition()`` holds; returns the
+        clock seconds that took. ``TimeoutError`` past ``limit`` seconds of clock time."""
+        start = self._now
+        await self.settle()
+        while not condition():
+            if self._now - start > limit:
+                raise TimeoutError(f"condition not met within {limit:g} s of clock time")
+            await self.advance(step)
+        return self._now - start
 
     async def advance(self, seconds: float, *, step: float | None = None) -> None:
         """Move time forward by ``seconds``, waking sleepers in deadline order.

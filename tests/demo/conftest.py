@@ -91,16 +91,6 @@ def start_demo() -> DemoFactory:
     return start
 
 
-async def eventually(condition: Callable[[], bool], *, timeout: float = 10.0) -> None:
-    """Wait, bounded, for the real-time demo to get somewhere."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"not reached within {timeout} s")
-        await asyncio.sleep(0.01)
-
-
 def gpuctl(*args: str) -> Result:
     """``gpuctl ARGS`` in-process, as a user runs it (``GPUCTL_HOME`` from the test)."""
     ctx = AppContext(env=dict(os.environ))

@@ -14,8 +14,9 @@ import pytest
 
 from gpuctl.engine.api import GpuState
 from gpuctl.sim.demo import try_commands
+from gpuctl.sim.waiting import eventually
 
-from .conftest import DemoFactory, eventually, gpuctl_beside
+from .conftest import DemoFactory, gpuctl_beside
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 

@@ -67,13 +67,7 @@ class Fleet:
 
     async def until(self, condition: Any, *, limit: float = 3600, step: float = 1.0) -> float:
         """Advance the clock until ``condition()`` holds; returns the clock seconds it took."""
-        start = self.clock.now()
-        await self.clock.settle()
-        while not condition():
-            if self.clock.now() - start > limit:
-                raise AssertionError(f"condition not met within {limit} s of clock time")
-            await self.clock.advance(step)
-        return self.clock.now() - start
+        return await self.clock.advance_until(condition, limit=limit, step=step)
 
     async def close(self) -> None:
         for engine in self.engines:

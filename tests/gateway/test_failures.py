@@ -11,8 +11,10 @@ import httpx
 import ollama
 import pytest
 
+from gpuctl.sim.waiting import eventually
+
 from .raw_node import OK_CHUNKED, chunked, raw_node
-from .world import GpuSpec, WorldFactory, eventually
+from .world import GpuSpec, WorldFactory
 
 
 async def test_client_disconnect_mid_stream_frees_the_slot_and_stops_the_node(

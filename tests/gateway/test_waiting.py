@@ -7,7 +7,9 @@ import json
 
 import httpx
 
-from .world import GpuSpec, WorldFactory, eventually
+from gpuctl.sim.waiting import eventually
+
+from .world import GpuSpec, WorldFactory
 
 
 async def test_cold_start_with_20_clients_sends_one_resume_and_answers_all(

@@ -76,23 +76,7 @@ class World:
     async def until(self, condition: Callable[[], bool], *, limit: float = 900,
                     step: float = 1.0) -> None:
         """Advance the fake clock until ``condition()`` holds (engine time, no sleeping)."""
-        start = self.clock.now()
-        await self.clock.settle()
-        while not condition():
-            if self.clock.now() - start > limit:
-                raise AssertionError(f"not reached within {limit} s of clock time")
-            await self.clock.advance(step)
-            await asyncio.sleep(0)
-
-
-async def eventually(condition: Callable[[], bool], *, timeout: float = 5.0) -> None:
-    """Wait (bounded, real time) for bytes to cross loopback sockets and be handled."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met within the socket timeout")
-        await asyncio.sleep(0.005)
+        await self.clock.advance_until(condition, limit=limit, step=step)
 
 
 @dataclass

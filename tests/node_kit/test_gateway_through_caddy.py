@@ -32,6 +32,7 @@ from gpuctl.gateway.server import running_gateway
 from gpuctl.sim.cloud import SimCloud
 from gpuctl.sim.ollama import SimOllama
 from gpuctl.sim.servers import running
+from gpuctl.sim.waiting import eventually
 from gpuctl.store import Store
 from gpuctl.store.keys import KeyStore
 
@@ -80,16 +81,6 @@ class Chain:
 
     def slots_in_use(self) -> int:
         return self.engine.gpu(GPU).slots_in_use
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = SOCKET_TIMEOUT) -> None:
-    """Wait, bounded, for bytes to cross the loopback sockets and be handled."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met within the socket timeout")
-        await asyncio.sleep(0.005)
 
 
 ChainFactory = Callable[..., contextlib.AbstractAsyncContextManager[Chain]]
