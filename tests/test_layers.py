@@ -21,6 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gpuctl"
 #: What each part of the package may import, besides itself. ``None``: anything.
 ALLOWED: dict[str, frozenset[str] | None] = {
     "errors": frozenset(),
+    "asgi": frozenset(),
     "config": frozenset({"errors"}),
     "credentials": frozenset({"errors"}),
     "store": frozenset({"errors", "config"}),
@@ -29,8 +30,8 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     # it takes from the cloud layer.
     "node": frozenset({"errors", "config", "cloud.base"}),
     "engine": frozenset({"errors", "config", "cloud", "node", "store"}),
-    "gateway": frozenset({"errors", "config", "engine", "store"}),
-    "sim": frozenset({"errors", "config", "cloud", "node", "store", "engine"}),
+    "gateway": frozenset({"errors", "config", "asgi", "engine", "store"}),
+    "sim": frozenset({"errors", "config", "asgi", "cloud", "node", "store", "engine"}),
     "cli": None,
     "__init__": None,
     "__main__": None,

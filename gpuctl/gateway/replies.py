@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from gpuctl.asgi import Message, Receive, Scope, Send
 
 __all__ = [
     "JSON_CT",
+    "Message",
     "Receive",
     "Scope",
     "Send",
@@ -25,10 +27,6 @@ __all__ = [
     "reply_not_found",
 ]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 JSON_CT = b"application/json; charset=utf-8"
 TEXT_CT = b"text/plain; charset=utf-8"

@@ -1,4 +1,5 @@
-"""What every simulated server shares: the ASGI types and an answer to the lifespan protocol.
+"""What every simulated server shares: the ASGI types (``gpuctl.asgi``) and an answer to the
+lifespan protocol.
 
 The simulated nodes and cloud are raw ASGI apps (no framework, so they stay fast enough to
 benchmark the gateway against); the server opens each with a lifespan exchange first.
@@ -6,14 +7,10 @@ benchmark the gateway against); the server opens each with a lifespan exchange f
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from gpuctl.asgi import Receive, Scope, Send
 
 __all__ = ["Receive", "Scope", "Send", "answer_lifespan"]
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 async def answer_lifespan(receive: Receive, send: Send) -> None:
