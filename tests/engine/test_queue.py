@@ -206,3 +206,26 @@ async def test_the_per_user_cap_is_configurable(fleet: Fleet) -> None:
     for ticket in tickets:
         engine.release(ticket)
     assert engine.gpu("gpu-0").slots_in_use == 0
+
+
+async def test_a_learnt_load_time_reaches_the_wait_estimate_of_a_cold_request(
+    fleet: Fleet,
+) -> None:
+    from gpuctl.engine import Usage
+
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    ticket = await engine.acquire("llama3.2", "alice")
+    await fleet.advance(95)  # a slow first answer: 90 s of it loading the model
+    engine.release(ticket, Usage(tokens_in=1, tokens_out=1, load_seconds=90.0))
+    paused = fleet.spawn(engine.pause("gpu-a", wait=True))
+    await fleet.until(paused.done)
+    heard: list[Progress] = []
+    task = fleet.spawn(engine.acquire("llama3.2", "bob", progress=heard.append))
+    await fleet.advance(1)
+    queued = next(p for p in heard if p.stage == "queued")
+    resume = engine.gpu("gpu-a").estimated_resume_seconds
+    assert resume is not None
+    # resume time left + the learnt 90 s load (the 15 s default before any was learnt)
+    assert queued.estimate_seconds == pytest.approx(resume + 90.0, abs=2.0)
+    await fleet.until(task.done)
