@@ -77,6 +77,8 @@ RETENTION_EVERY_SECONDS = 3600.0
 POLICY_HISTORY_SECONDS = 28 * 86_400.0
 #: A load shorter than this was a warm hit, not a load worth learning from.
 LOAD_SECONDS = 0.5
+#: A load longer than this is a node's nonsense, not a figure to plan wakes by.
+MAX_LOAD_SECONDS = 3600.0
 
 
 @dataclass(eq=False)
@@ -507,9 +509,10 @@ class Engine:
                 wall = self.clock.wall()
                 self._policy.observe(grant.model, wall - held, wall)
             self._estimator.record_service(grant.model, held)
-            if usage is not None and usage.load_seconds and usage.load_seconds >= LOAD_SECONDS:
-                self._estimator.record_load(grant.model, usage.load_seconds)
-                self._loads.append((grant.model, usage.load_seconds, self.clock.wall()))
+            load = usage.load_seconds if usage is not None else None
+            if load is not None and LOAD_SECONDS <= load <= MAX_LOAD_SECONDS:
+                self._estimator.record_load(grant.model, load)
+                self._loads.append((grant.model, load, self.clock.wall()))
             if grant.model not in gpu.loaded:
                 # Ollama keeps a model it just served in memory: route the next one here
                 # before the next probe says so.

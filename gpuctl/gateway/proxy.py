@@ -518,8 +518,10 @@ def _error_message(text: str) -> str | None:
     return str(error) if error else None
 
 
+#: At most 20 digits: a node that sends a 5,000-digit count cannot make ``int()`` raise
+#: (Python refuses to convert more than 4,300 digits) after its answer was relayed.
 _COUNTS = {
-    name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
+    name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d{1,20})')
     for name in ("prompt_eval_count", "eval_count", "load_duration", "prompt_tokens",
                  "completion_tokens", "input_tokens", "output_tokens")
 }

@@ -108,6 +108,9 @@ class SimOllama:
         #: The ``load_duration`` a request reports when its model was not in memory yet
         #: (reported, never slept: the engine learns load times from it).
         self.load_seconds = load_seconds
+        #: Raw bytes sent as a native stream's last line instead of the usual one: a broken
+        #: or hostile node, byte for byte.
+        self.final_line: bytes | None = None
         self.up = True
         self.die_after: int | None = None
         self.hold_after: int | None = None
@@ -339,6 +342,8 @@ class SimOllama:
 
     def _final(self, path: str, model: str, req: dict[str, Any], cold: bool) -> bytes:
         if path in NATIVE_STREAMS:
+            if self.final_line is not None:
+                return self.final_line
             line: dict[str, Any] = {"model": model, "created_at": _now(), "done": True,
                                     "done_reason": "stop", **self._durations(cold)}
             if path == "/api/chat":

@@ -220,3 +220,24 @@ async def test_a_node_interim_100_is_not_relayed_as_the_answer(make_world: World
         r = await asyncio.wait_for(
             c.post("/api/chat", json={"model": "llama3.2", "stream": False}), 5)
         assert (r.status_code, r.json()) == (200, {"done": True})
+
+
+async def test_a_node_with_absurd_counts_in_its_last_line_cannot_break_the_request(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world() as world, world.client() as c:
+        node = world.nodes["gpu-1"]
+        # 5,000 digits: more than Python's int() takes; a 30-digit load_duration (~3e13 s)
+        node.final_line = (b'{"done":true,"eval_count":' + b"9" * 5000 + b',"load_duration":'
+                           + b"9" * 30 + b',"prompt_eval_count":-3}\n')
+        async with c.stream("POST", "/api/chat", json={"model": "llama3.2"}) as r:
+            lines = [line async for line in r.aiter_lines()]
+        assert r.status_code == 200
+        assert lines[-1].startswith('{"done":true,"eval_count":999')  # relayed untouched
+        assert world.gpu("gpu-1").slots_in_use == 0
+        metrics = (await c.get("/metrics")).text  # counted as answered: nothing raised
+        assert 'gpuctl_requests_total{route="/api/chat",status="200"} 1.0' in metrics
+        await world.clock.advance(10)  # the tick would write a learnt load
+        assert world.store.load_history() == {}
+        ok = await c.post("/api/chat", json={"model": "llama3.2", "stream": False})
+        assert ok.status_code == 200  # the gateway and the node still serve
