@@ -4,7 +4,8 @@ It is a facade over parts with one job each: the GPU records (``fleet``) and the
 keeps them filed (``roster``), discovery and node probes (``discovery``), the router's index
 (``router``), the fair queue (``fairqueue``) and what waiters are told (``progress``), leases
 (``leases``), estimates (``estimates``), wake on demand and idle pause (``waking``, which
-drives the cloud ``actions``), background tasks (``background``) and the durable store. The
+drives the cloud ``actions``), the GPUs of management calls and the ``/api/show`` memory
+(``management``), background tasks (``background``) and the durable store. The
 engine itself owns slots and tickets: ``acquire``, ``release``, and handing freed slots to
 waiters (``_drain``, which it lends to the parts that make a GPU ready). Everything runs on
 one event loop, so a check and the change it allows happen with no ``await`` between them:
