@@ -49,6 +49,20 @@ async def test_discover_refresh_is_for_admins_only(make_world: WorldFactory) -> 
         assert [g["name"] for g in fresh.json()["gpus"]] == ["gpu-1", "gpu-new"]
 
 
+async def test_discover_says_when_the_cloud_could_not_be_read_and_when_it_could_again(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world() as world, world.client(world.admin_key) as admin:
+        assert "warning" not in (await admin.get("/gpu/discover")).json()
+        world.cloud.fail_calls(1)
+        stale = (await admin.get("/gpu/discover", params={"refresh": "1"})).json()
+        assert stale["warning"].startswith("cloud API unavailable, showing the last known fleet")
+        assert stale["discovered_gpus"] == 1
+        assert "warning" in (await admin.get("/gpu/discover")).json()  # still stale
+        fresh = (await admin.get("/gpu/discover", params={"refresh": "yes"})).json()
+        assert "warning" not in fresh
+
+
 async def test_status_of_one_gpu_and_404_for_an_unknown_one(make_world: WorldFactory) -> None:
     async with make_world() as world, world.client() as c:
         r = await c.get("/gpu/gpu-1/status")
