@@ -12,6 +12,7 @@ and ``gpuctl pause``; an action the state does not allow comes back as a 4xx wit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from quart import Blueprint, Response, request
@@ -61,9 +62,10 @@ async def health() -> Response:
     return json_response({"status": "healthy", "service": "gpuctl"})
 
 
-def refresh_asked() -> bool:
-    """``/gpu/discover?refresh=1``: an admin asks for a fresh read of the cloud."""
-    return _flag("refresh")
+def refresh_asked(args: Mapping[str, str]) -> bool:
+    """``/gpu/discover?refresh=1``: an admin asks for a fresh read of the cloud. Takes the
+    query as an argument so the key check can ask before any framework has parsed it."""
+    return _truthy(args.get("refresh"))
 
 
 @blueprint.route("/gpu/discover", methods=["GET"])
@@ -71,7 +73,7 @@ async def discover() -> Response:
     engine = gateway().engine
     payload: dict[str, Any] = {}
     error = engine.refresh_error()
-    if refresh_asked():
+    if refresh_asked(request.args):
         try:
             await engine.refresh(probe=False)
             error = None
@@ -103,12 +105,12 @@ def _action(result: ActionResult) -> Response:
     })
 
 
-def _flag(name: str) -> bool:
-    return request.args.get(name, "").lower() in ("1", "true", "yes")
+def _truthy(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes")
 
 
 def _wait_flag() -> bool:
-    return _flag("wait")
+    return _truthy(request.args.get("wait"))
 
 
 @blueprint.route("/gpu/<ref>/resume", methods=["POST"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from quart import Quart, Response, g, request
@@ -47,11 +47,12 @@ ADMIN_PREFIXES = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/de
 KEY_FLUSH_SECONDS = 30.0
 
 
-def _needs_admin(path: str) -> bool:
+def _needs_admin(path: str, args: Mapping[str, str]) -> bool:
+    """Whether ``path`` (with its query ``args``) needs an admin key."""
     if path.startswith(ADMIN_PREFIXES):
         return True
     if path == "/gpu/discover":
-        return admin.refresh_asked()  # reading the cloud afresh is an admin's call
+        return admin.refresh_asked(args)  # reading the cloud afresh is an admin's call
     return path.startswith("/gpu/") and path.endswith(("/resume", "/pause"))
 
 
@@ -202,7 +203,7 @@ def _install_auth(quart: Quart, gw: Gateway) -> None:
         if _is_ui(path):
             return  # the status page signs in once and checks its cookie (gateway/ui.py)
         gw.auth.check(request.headers.get("Authorization"),
-                      admin=_needs_admin(path))
+                      admin=_needs_admin(path, request.args))
 
     @quart.after_request
     async def observe(response: Response) -> Response:
