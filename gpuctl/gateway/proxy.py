@@ -527,11 +527,22 @@ _COUNTS = {
 }
 
 
+#: More tokens than this in one answer is a node's nonsense: counted as none, so the
+#: ledger's sums (SQLite integers, 2**63 at most) stay far from overflowing.
+_MAX_TOKENS = 10**9
+
+
 def _count(data: bytes, name: str) -> int | None:
     """The last ``"name": N`` in ``data``. A JSON string cannot hold it unescaped, so a
     prompt that mentions the field cannot fool this; no JSON parse of the answer needed."""
     found = _COUNTS[name].findall(data)
     return int(found[-1]) if found else None
+
+
+def _tokens(data: bytes, name: str) -> int:
+    """A token count from ``data``; 0 when absent or absurd (see ``_MAX_TOKENS``)."""
+    count = _count(data, name)
+    return count if count is not None and count <= _MAX_TOKENS else 0
 
 
 def _usage(data: bytes) -> Usage | None:
@@ -542,13 +553,13 @@ def _usage(data: bytes) -> Usage | None:
     """
     if b"eval_count" in data:
         load = _count(data, "load_duration")
-        return Usage(tokens_in=_count(data, "prompt_eval_count") or 0,
-                     tokens_out=_count(data, "eval_count") or 0,
+        return Usage(tokens_in=_tokens(data, "prompt_eval_count"),
+                     tokens_out=_tokens(data, "eval_count"),
                      load_seconds=load / 1e9 if load else None)
     if b'"usage"' not in data:
         return None
-    tokens_in = _count(data, "prompt_tokens")
-    if tokens_in is not None:
-        return Usage(tokens_in=tokens_in, tokens_out=_count(data, "completion_tokens") or 0)
-    return Usage(tokens_in=_count(data, "input_tokens") or 0,
-                 tokens_out=_count(data, "output_tokens") or 0)
+    if _count(data, "prompt_tokens") is not None:
+        return Usage(tokens_in=_tokens(data, "prompt_tokens"),
+                     tokens_out=_tokens(data, "completion_tokens"))
+    return Usage(tokens_in=_tokens(data, "input_tokens"),
+                 tokens_out=_tokens(data, "output_tokens"))

@@ -239,5 +239,9 @@ async def test_a_node_with_absurd_counts_in_its_last_line_cannot_break_the_reque
         assert 'gpuctl_requests_total{route="/api/chat",status="200"} 1.0' in metrics
         await world.clock.advance(10)  # the tick would write a learnt load
         assert world.store.load_history() == {}
+        node.final_line = b'{"done":true,"eval_count":' + b"9" * 20 + b"}\n"  # > 2**63
+        async with c.stream("POST", "/api/chat", json={"model": "llama3.2"}) as r:
+            assert [line async for line in r.aiter_lines()][-1].startswith('{"done":true')
+        assert world.store.usage()["alice"].tokens_out == 0  # absurd counts count as none
         ok = await c.post("/api/chat", json={"model": "llama3.2", "stream": False})
         assert ok.status_code == 200  # the gateway and the node still serve

@@ -7,7 +7,9 @@ import asyncio
 import ollama
 import pytest
 
-from .world import GpuSpec, WorldFactory, eventually
+from gpuctl.sim.waiting import eventually
+
+from .world import GpuSpec, WorldFactory
 
 
 def _events(world: object, gpu_id: str) -> list[tuple[str, str]]:
