@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from gpuctl.gateway.ui import UiParts
+from gpuctl.sim.waiting import eventually
 
-from .conftest import DemoFactory, RunningDemo, eventually
+from .conftest import DemoFactory, RunningDemo
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),

@@ -12,9 +12,10 @@ import pytest
 
 from gpuctl.gateway.sessions import COOKIE, Sessions
 from gpuctl.gateway.ui import MAX_SIGN_IN_BYTES, UiParts
+from gpuctl.sim.waiting import eventually
 from gpuctl.store.keys import KeyStore
 
-from .world import GpuSpec, World, WorldFactory, eventually
+from .world import GpuSpec, World, WorldFactory
 
 
 def parts(world: World) -> UiParts:
