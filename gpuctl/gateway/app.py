@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
+from urllib.parse import parse_qsl
 
 from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
@@ -129,8 +130,8 @@ class GatewayApp:
             # Quart reads a body while the route runs: check the key from the head first, so
             # a request without a good key costs no body memory (the hot path does the same).
             try:
-                self.gw.auth.check_raw(scope["headers"], admin=_needs_admin(path,
-                                                                            scope["method"]))
+                query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+                self.gw.auth.check_raw(scope["headers"], admin=_needs_admin(path, query))
             except AuthError as exc:
                 await reply_error(send, exc.http_status, exc.message,
                                   openai=path.startswith("/v1/"))
