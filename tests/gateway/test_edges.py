@@ -28,9 +28,10 @@ from cryptography.x509.oid import NameOID
 from gpuctl.gateway.jsonbody import MAX_DEPTH
 from gpuctl.gateway.logs import BURST, WINDOW, RepeatLimit
 from gpuctl.gateway.server import raise_fd_limit
+from gpuctl.sim.waiting import eventually
 
 from .raw_node import OK_CHUNKED, raw_node
-from .world import GpuSpec, WorldFactory, eventually
+from .world import GpuSpec, WorldFactory
 
 TIMEOUT = 5.0
 

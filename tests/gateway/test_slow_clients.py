@@ -12,8 +12,10 @@ import asyncio
 import json
 from urllib.parse import urlsplit
 
+from gpuctl.sim.waiting import eventually
+
 from .raw_node import OK_CHUNKED, raw_node
-from .world import GpuSpec, World, WorldFactory, eventually
+from .world import GpuSpec, World, WorldFactory
 
 MB = 1024 * 1024
 
