@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from gpuctl.errors import CredentialsError, KeyringUnusable
+from gpuctl.errors import ConfigError, CredentialsError, KeyringUnusable
 
 if TYPE_CHECKING:
     from keyring.backend import KeyringBackend
@@ -108,6 +108,21 @@ class Credentials:
             path = Path(cred_dir) / name
             return Found(self._read_file(path, "CREDENTIALS_DIRECTORY"), f"file {path}")
         return self._from_keyring(name)
+
+    def setting_file(self, value: str, setting: str) -> Path:
+        """A secret file a setting names (``server.tls_key``...): a path, or a bare name in
+        ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=`` keeps the file out of the service's
+        own files). Only the path is returned: the file's reader (granian) opens it."""
+        path = Path(value).expanduser()
+        cred_dir = self.env.get("CREDENTIALS_DIRECTORY")
+        if not path.is_absolute() and os.sep not in value and cred_dir:
+            candidate = Path(cred_dir) / value
+            if candidate.is_file():
+                return candidate
+        if not path.is_file():
+            raise ConfigError(f"{setting}: file {value!r} not found "
+                              "(a path, or a name in $CREDENTIALS_DIRECTORY)")
+        return path
 
     def require(self, name: SecretName) -> Found:
         """Like ``find``, but a missing secret is a ``CredentialsError`` listing the places."""

@@ -84,7 +84,7 @@ def _settings(app_ctx: AppContext, config: Config, *, insecure_http: bool) -> Se
     """The server's settings; refuses plain HTTP off loopback unless ``--insecure-http``."""
     from gpuctl.gateway.server import ServerSettings
 
-    settings = ServerSettings.from_config(config, app_ctx.env)
+    settings = ServerSettings.from_config(config, app_ctx.credentials().setting_file)
     if not settings.tls and not insecure_http and not _loopback(config.server.host):
         raise UsageError(
             f"refusing to serve plain HTTP on {config.server.host}: every user's key would "

@@ -28,7 +28,7 @@ import logging
 import os
 import resource
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from gpuctl.gateway.app import GatewayApp
 
 __all__ = ["EmbeddedServer", "GatewayServer", "ServerSettings", "raise_fd_limit",
-           "running_gateway", "tls_file"]
+           "running_gateway"]
 
 log = logging.getLogger(__name__)
 
@@ -71,32 +71,22 @@ class ServerSettings:
         return self.tls_cert is not None
 
     @classmethod
-    def from_config(cls, config: Config, env: Mapping[str, str] | None = None) -> ServerSettings:
-        """The settings ``server.*`` asks for; TLS files resolved (see ``tls_file``)."""
+    def from_config(cls, config: Config,
+                    find_file: Callable[[str, str], Path] | None = None) -> ServerSettings:
+        """The settings ``server.*`` asks for. ``find_file(value, setting)`` finds the TLS
+        files: ``serve`` hands in ``Credentials.setting_file`` (a path, or a systemd
+        credential's name), since only ``credentials.py`` looks for secrets; without it the
+        values are plain paths."""
         server = config.server
-        cert = tls_file(server.tls_cert, env) if server.tls_cert else None
-        key = tls_file(server.tls_key, env) if server.tls_key else None
+        find = find_file or _plain_path
+        cert = find(server.tls_cert, "server.tls_cert") if server.tls_cert else None
+        key = find(server.tls_key, "server.tls_key") if server.tls_key else None
         if (cert is None) != (key is None):
             raise ConfigError("server.tls_cert and server.tls_key go together: set both")
         return cls(max_connections=server.max_connections,
                    backlog=max(server.max_connections, 128),
                    header_timeout_seconds=server.header_timeout_seconds,
                    tls_cert=cert, tls_key=key)
-
-
-def tls_file(value: str, env: Mapping[str, str] | None = None) -> Path:
-    """A TLS file named in config: a path, or a bare name found in ``$CREDENTIALS_DIRECTORY``
-    (``LoadCredential=`` in the systemd unit keeps the key out of the service's own files)."""
-    env = os.environ if env is None else env
-    path = Path(value).expanduser()
-    cred_dir = env.get("CREDENTIALS_DIRECTORY")
-    if not path.is_absolute() and os.sep not in value and cred_dir:
-        candidate = Path(cred_dir) / value
-        if candidate.is_file():
-            return candidate
-    if not path.is_file():
-        raise ConfigError(f"TLS file {value!r} not found (server.tls_cert / server.tls_key)")
-    return path
 
 
 def raise_fd_limit() -> int:
@@ -111,6 +101,13 @@ def raise_fd_limit() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _plain_path(value: str, setting: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{setting}: file {value!r} not found")
+    return path
 
 
 class EmbeddedServer(Server):

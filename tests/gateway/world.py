@@ -22,6 +22,7 @@ import ollama
 import openai
 
 from gpuctl.config import Config
+from gpuctl.credentials import Credentials
 from gpuctl.engine.clock import FakeClock
 from gpuctl.engine.engine import Engine
 from gpuctl.gateway.app import GatewayApp, create_app
@@ -129,7 +130,7 @@ def world_factory(tmp_path: Path) -> WorldFactory:
                     store.save_models(machine.id, entries, clock.wall())
             engine = Engine(config, cloud, store, clock=clock, nodes=cloud.node)
             app = create_app(config, engine, keys, node_token=NODE_TOKEN)
-            settings = ServerSettings.from_config(config)
+            settings = ServerSettings.from_config(config, Credentials().setting_file)
             url = await stack.enter_async_context(running_gateway(app, settings=settings))
             world = World(clock, cloud, nodes, engine, keys, store, app, url, admin_key,
                           user_key)
