@@ -126,11 +126,13 @@ class AppContext:
 
         return make_provider(self.config, self.credentials())
 
-    def open_store(self) -> Store:
+    def open_store(self, *, reader: bool = False) -> Store:
+        """The engine's store; ``reader`` for every command but the gateway (``serve``), so
+        that only the gateway writes leases and usage."""
         from gpuctl.config import state_dir
         from gpuctl.store import Store
 
-        return Store.open(state_dir(self.config, self.env))
+        return Store.open(state_dir(self.config, self.env), reader=reader)
 
     def make_engine(self, cloud: CloudProvider, store: Store, *,
                     observe_fleet: bool = True) -> Engine:
@@ -145,10 +147,14 @@ class AppContext:
 
     @contextlib.asynccontextmanager
     async def engine_session(self) -> AsyncIterator[Engine]:
-        """An engine over the configured cloud and store, torn down in reverse order."""
+        """An engine over the configured cloud and store, torn down in reverse order.
+
+        The store is opened as a reader: a laptop command beside a live gateway shows the
+        gateway's leases but never writes leases or usage back (it owns neither).
+        """
         cloud = self.cloud()
         try:
-            store = self.open_store()
+            store = self.open_store(reader=True)
             try:
                 engine = self.make_engine(cloud, store, observe_fleet=False)
                 try:

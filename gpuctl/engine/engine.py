@@ -117,7 +117,7 @@ class Engine:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self._index = RouteIndex(config.gpu.slots)
         self._leases = LeaseBook()
-        self._saved_leases = -1
+        self._restore_leases()
         self._queue = FairQueue(config.server.max_queue)
         self._estimator = Estimator(store.resume_history(), store.load_history())
         self._catalog = ModelCatalog(config.gpu.slots)
@@ -169,12 +169,8 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Restore leases, discover the fleet, adopt cloud actions in flight, start the loop."""
-        now, wall = self.clock.now(), self.clock.wall()
-        for record in self.store.load_leases(wall):
-            seconds = record.seconds or reservation_seconds(self.config)
-            self._leases.hold(record.gpu_id, record.user, now + record.expires_at - wall, seconds)
-        self._saved_leases = self._leases.version
+        """Discover the fleet, adopt cloud actions in flight, start the loop."""
+        wall = self.clock.wall()
         if self._policy.adaptive:
             # The request log is the pause policy's memory across restarts.
             self.learn_from(
@@ -245,8 +241,21 @@ class Engine:
             retire_old_rows(self.store, keep_days=self.config.ledger.keep_days,
                             cost=self.config.cost, now=self.clock.wall())
 
+    def _restore_leases(self) -> None:
+        """Take in the stored leases: the gateway's own from before a restart, or, in a
+        laptop command's engine (a reader store), the live gateway's, to show them."""
+        now, wall = self.clock.now(), self.clock.wall()
+        for record in self.store.load_leases(wall):
+            seconds = record.seconds or reservation_seconds(self.config)
+            self._leases.hold(record.gpu_id, record.user, now + record.expires_at - wall, seconds)
+        #: The lease-book version last written (or loaded): nothing new, nothing to write.
+        self._saved_leases = self._leases.version
+
     def _persist(self) -> None:
-        if self._leases.version != self._saved_leases:
+        """Write what changed since the last time. A reader store's engine (a laptop
+        command, not the gateway) writes no leases: it never owned them (store.py: one
+        writer per piece of state)."""
+        if self._leases.version != self._saved_leases and not self.store.reader:
             now, wall = self.clock.now(), self.clock.wall()
             self.store.save_leases(
                 LeaseRecord(lease.gpu_id, lease.user, wall + lease.expires - now, lease.seconds)

@@ -9,6 +9,13 @@ The hot path (``Engine.acquire``/``release``) never waits on the disk. Usage is 
 memory and written by ``flush`` (the engine calls it every poll interval and at stop); leases
 are written the same way through ``save_leases``. Rare events (a resume finished, a model
 list changed, a cloud action started) are written at once.
+
+One writer per piece of state: leases and usage belong to the gateway that serves the
+requests behind them. A laptop command (``gpuctl status``, ``resume``...) opens the same
+database as a *reader* (``Store.open(dir, reader=True)``): it may read the leases to show
+them, and record what it learns or does first-hand (a model list it probed, a resume it
+sent), but ``save_leases`` and ``record_usage`` refuse, so it can never write back the
+gateway's leases from its own (possibly empty, possibly stale) copy.
 """
 
 from __future__ import annotations
@@ -23,10 +30,14 @@ from typing import Any
 from gpuctl.store.db import DB_FILENAME, memory_db, open_db
 from gpuctl.store.ledger import LedgerStore, RequestRow
 
-__all__ = ["LeaseRecord", "PendingAction", "Store", "UsageTotals"]
+__all__ = ["LeaseRecord", "NotTheWriter", "PendingAction", "Store", "UsageTotals"]
 
 #: How many past resumes per GPU feed the estimate; old ones describe another cloud mood.
 HISTORY_KEEP = 20
+
+
+class NotTheWriter(RuntimeError):
+    """A reader store was asked to write state that only the gateway writes (a bug)."""
 
 
 @dataclass
@@ -66,17 +77,24 @@ class PendingAction:
 class Store:
     """The SQLite store at ``state_dir / "gpuctl.db"`` (shared with the key table)."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, *, reader: bool = False) -> None:
         self.conn = conn
         self.path = path
+        #: Not the gateway: leases and usage may be read, never written.
+        self.reader = reader
         self._usage: dict[str, UsageTotals] = {}
         #: The ledger's tables (GPU timeline, request log, roll-ups, budgets).
         self.ledger = LedgerStore(conn)
 
     @classmethod
-    def open(cls, state_dir: Path) -> Store:
+    def open(cls, state_dir: Path, *, reader: bool = False) -> Store:
+        """The store in ``state_dir``; ``reader`` for every process that is not the gateway."""
         path = Path(state_dir) / DB_FILENAME
-        return cls(open_db(path), path)
+        return cls(open_db(path), path, reader=reader)
+
+    def _writer_only(self, what: str) -> None:
+        if self.reader:
+            raise NotTheWriter(f"only the gateway writes {what}; this store was opened to read")
 
     @classmethod
     def memory(cls) -> Store:
@@ -94,6 +112,7 @@ class Store:
         at: float | None = None,
     ) -> None:
         """Add one served request to the in-memory ledger; ``flush`` writes it (O(1))."""
+        self._writer_only("usage")
         totals = self._usage.get(user)
         if totals is None:
             totals = self._usage[user] = UsageTotals()
@@ -152,6 +171,7 @@ class Store:
 
     def save_leases(self, leases: Iterable[LeaseRecord]) -> None:
         """Replace the stored leases with ``leases`` (the engine's whole current set)."""
+        self._writer_only("leases")
         with self._transaction():
             self.conn.execute("DELETE FROM leases")
             self.conn.executemany(

@@ -154,3 +154,23 @@ async def test_a_fallback_lease_becomes_a_full_lease_once_nobody_else_holds_the_
     assert lease_of(engine, "gpu-a", "bob") == pytest.approx(600)
     await fleet.advance(590)
     assert fleet.cloud.total_pauses == 0  # the GPU stays up for bob's full lease
+
+
+async def test_an_engine_on_a_reader_store_shows_the_leases_and_never_writes_them(
+    fleet: Fleet,
+) -> None:
+    from gpuctl.store import Store
+
+    fleet.cloud.add("gpu-a", status="running")
+    gateway = await fleet.start()
+    gateway.release(await gateway.acquire("llama3.2", "alice"))
+    await fleet.advance(10)  # the gateway's next poll writes its leases
+    laptop_store = Store.open(fleet.state_dir, reader=True)
+    fleet.stores.append(laptop_store)
+    laptop = await fleet.start(store=laptop_store)
+    assert lease_of(laptop, "gpu-a", "alice") == pytest.approx(590)
+    await fleet.advance(30)  # the laptop's engine ticks too, with the clock moving
+    await laptop.stop()
+    fleet.engines.remove(laptop)
+    assert [(r.user, r.expires_at) for r in fleet.store.load_leases(0.0)] == \
+        [("alice", pytest.approx(fleet.clock.wall() + 600 - 40, abs=1))]

@@ -87,3 +87,23 @@ def test_the_database_runs_in_wal_mode(tmp_path: Path) -> None:
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.path == tmp_path / "gpuctl.db"
     store.close()
+
+
+def test_a_reader_store_reads_leases_and_refuses_to_write_leases_or_usage(
+    tmp_path: Path,
+) -> None:
+    import pytest
+
+    from gpuctl.store import NotTheWriter
+
+    writer = Store.open(tmp_path)
+    writer.save_leases([LeaseRecord("g1", "alice", 500.0, 600.0)])
+    reader = Store.open(tmp_path, reader=True)
+    assert reader.load_leases(100.0) == [LeaseRecord("g1", "alice", 500.0, 600.0)]
+    with pytest.raises(NotTheWriter):
+        reader.save_leases([])
+    with pytest.raises(NotTheWriter):
+        reader.record_usage("alice", tokens_in=1)
+    reader.close()
+    assert writer.load_leases(100.0) == [LeaseRecord("g1", "alice", 500.0, 600.0)]
+    writer.close()
