@@ -15,6 +15,7 @@ gateway answers ``{"error": "<message>"}``. No other exception should reach a us
     │   └── ModelNotFound                              no GPU has (or can get) the model
     ├── CloudError                   exit 1, HTTP 502  the cloud API failed
     │   ├── CloudUnavailable                           5xx, timeouts, connection refused
+    │   │   └── ActionUncertain                        an action POST went unanswered
     │   ├── CloudRateLimited                           429 that outlasted our retries
     │   └── ActionRefused            HTTP 409          400 from the cloud: "already resuming"
     ├── NotCloudManaged              HTTP 409          resume/pause of a static host
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 __all__ = [
     "ActionRefused",
+    "ActionUncertain",
     "CloudError",
     "CloudRateLimited",
     "CloudUnavailable",
@@ -44,6 +46,7 @@ __all__ = [
     "Unavailable",
     "UsageError",
     "WakeFailed",
+    "retry_after",
 ]
 
 
@@ -112,6 +115,13 @@ class CloudUnavailable(CloudError):
     pass
 
 
+class ActionUncertain(CloudUnavailable):
+    """An action POST timed out or its connection broke, and a read-back did not show it
+    taken: the cloud may still act on it, so it must not be sent again at once."""
+
+    default_hint = "The action may have been accepted; check with `gpuctl status`."
+
+
 class CloudRateLimited(CloudError):
     default_hint = "The cloud API is rate-limiting this token; wait a minute and try again."
 
@@ -137,8 +147,16 @@ class NodeError(GpuctlError):
 
 
 class WakeFailed(GpuctlError):
+    """A resume failed; ``retry_after`` (seconds) is what a gateway client is told."""
+
     http_status = 503
     default_hint = "The cloud may be out of GPUs; try again later or resume another GPU."
+
+    def __init__(
+        self, message: str, *, retry_after: float = 60.0, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
 
 
 class Unavailable(GpuctlError):
@@ -155,3 +173,16 @@ class Unavailable(GpuctlError):
 
 class SchemaTooNew(GpuctlError):
     """The state database was written by a newer gpuctl; reading it could corrupt it."""
+
+
+#: ``Retry-After`` of a 503 that does not know better.
+DEFAULT_RETRY_AFTER = 30.0
+
+
+def retry_after(exc: GpuctlError) -> float | None:
+    """Seconds a gateway client is told to wait before trying again: every 503 says when
+    (``Unavailable``, ``WakeFailed`` carry their own estimate), other errors say nothing."""
+    if exc.http_status != 503:
+        return None
+    value = getattr(exc, "retry_after", None)
+    return float(value) if isinstance(value, (int, float)) else DEFAULT_RETRY_AFTER

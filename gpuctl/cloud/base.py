@@ -11,12 +11,15 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["TRANSITIONAL_STATUSES", "CloudProvider", "Workspace"]
+__all__ = ["ACTION_IN_PROGRESS", "TRANSITIONAL_STATUSES", "CloudProvider", "Workspace"]
 
 #: Cloud statuses that mean "an action is under way; poll again soon".
 TRANSITIONAL_STATUSES = frozenset(
     {"creating", "resuming", "pausing", "updating", "rebooting", "deleting"}
 )
+#: States of a cloud action (``workspace_actions[].status``) that is still under way.
+ACTION_IN_PROGRESS = frozenset({"pending", "initialized", "running"})
+_UNDER_WAY = {"resume": ("resuming", "running"), "pause": ("pausing", "paused")}
 
 
 class Workspace(BaseModel):
@@ -40,6 +43,14 @@ class Workspace(BaseModel):
     node_url: str | None = Field(
         None, description="a fixed Ollama URL (static hosts); overrides gpu.ollama_url"
     )
+
+    def shows(self, action: str) -> bool:
+        """The cloud shows ``action`` ("resume" or "pause") taken: the status moving that
+        way, or a new action of that type in progress. How a caller learns, after an
+        unclear answer or a restart, whether an action it sent (or meant to) arrived."""
+        if self.status in _UNDER_WAY.get(action, ()):
+            return True
+        return self.last_action == action and self.last_action_status in ACTION_IN_PROGRESS
 
     @property
     def can_resume(self) -> bool:

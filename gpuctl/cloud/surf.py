@@ -20,15 +20,21 @@ this module:
   is not reliable). A 400 is a refusal; the reason is built from the body's ``message`` and
   the workspace's current status ("already resuming").
 * 429 honours ``Retry-After`` up to a bound; 5xx, timeouts and connection failures are retried
-  with bounded exponential backoff. An action POST is retried only when the cloud cannot have
-  acted on it (connection never made, 429, 502/503/504): a blind retry after a read timeout
-  could send a second resume.
+  with bounded exponential backoff. An action POST is never retried blindly: after a 5xx the
+  workspace is read back to learn whether the cloud took the action anyway (a new action of
+  that type in progress, or the status moving that way), and only if it did not is the POST
+  sent again, with jittered backoff, up to ``max_retries`` times (fault run 3 of issue 9: at
+  50 % cloud errors, a 500 on a resume was taken as the end of that GPU). After a timeout or
+  a broken connection the read-back decides too, but a POST the cloud may still be working
+  through is not resent: the caller is told it may have been accepted.
+* Error messages name the workspace, never the API's URLs or ids: they reach API users.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
@@ -38,6 +44,7 @@ import httpx
 from gpuctl.cloud.base import Workspace
 from gpuctl.errors import (
     ActionRefused,
+    ActionUncertain,
     CloudError,
     CloudRateLimited,
     CloudUnavailable,
@@ -59,7 +66,6 @@ MAX_PAGES = 1000
 MAX_RETRY_AFTER = 60.0
 #: Statuses retried for any request, and for action POSTs (the cloud did not act on these).
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
-_SAFE_POST_RETRY_STATUSES = frozenset({502, 503, 504})
 _ACTIONS = ("resume", "pause")
 
 
@@ -266,7 +272,7 @@ class SurfProvider:
             body = self._json_object(response)
             page = body.get("results")
             if not isinstance(page, list):
-                raise CloudError(f"unexpected list response from {self._list_url()}: no results")
+                raise CloudError("SURF API sent a workspace list without results")
             results.extend(item for item in page if isinstance(item, Mapping) and "id" in item)
             next_url = body.get("next")
             if not next_url or not page:
@@ -283,14 +289,35 @@ class SurfProvider:
         return results
 
     async def _action(self, workspace_id: str, action: str) -> Workspace:
+        """POST the action; after a 5xx, read back whether it was taken, resend if not."""
         assert action in _ACTIONS
         url = f"{self._workspace_url(workspace_id)}actions/{action}/"
-        try:
-            await self._request("POST", url, json={})
-        except _Refused as refused:
-            current = await self.get_workspace(workspace_id)
-            raise ActionRefused(_refusal_reason(action, current, refused.message)) from None
-        return await self.get_workspace(workspace_id)
+        for attempt in range(self._max_retries + 1):
+            try:
+                await self._request("POST", url, json={})
+            except _Refused as refused:
+                current = await self.get_workspace(workspace_id)
+                raise ActionRefused(_refusal_reason(action, current, refused.message)) from None
+            except _PostFailed as failed:
+                current = await self.get_workspace(workspace_id)
+                if current.shows(action):
+                    log.info("SURF answered %s to the %s of %s, but took it", failed.problem,
+                             action, current.name)
+                    return current
+                if not failed.resendable:
+                    raise ActionUncertain(
+                        f"SURF API did not answer the {action} of {current.name}: "
+                        f"{failed.problem}") from None
+                if attempt == self._max_retries:
+                    raise CloudUnavailable(
+                        f"SURF API failed to {action} {current.name}: {failed.problem}"
+                        + (f" (tried {attempt + 1} times)" if attempt else "")) from None
+                log.warning("SURF answered %s to the %s of %s and did not take it; sending "
+                            "it again", failed.problem, action, current.name)
+                await self._sleep(self._backoff_delay(attempt) * random.uniform(0.5, 1.0))
+                continue
+            return await self.get_workspace(workspace_id)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _backoff_delay(self, attempt: int) -> float:
         return float(min(self._max_backoff, self._backoff * (2**attempt)))
@@ -303,8 +330,13 @@ class SurfProvider:
         params: Mapping[str, str] | None = None,
         json: Any = None,
     ) -> httpx.Response:
-        """Send one request with retries; return a 2xx response or raise a ``GpuctlError``."""
+        """Send one request with retries; return a 2xx response or raise a ``GpuctlError``.
+
+        A POST is sent once (bar 429s): a 5xx, a timeout or a broken connection raises
+        ``_PostFailed`` for ``_action`` to read back.
+        """
         is_post = method != "GET"
+        what = "list the workspaces" if url == self._list_url() else "read a workspace"
         headers = dict(self._headers)
         last_problem = "no attempt made"
         for attempt in range(self._max_retries + 1):
@@ -315,20 +347,16 @@ class SurfProvider:
                 )
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 last_problem = f"cannot connect ({type(exc).__name__})"
+                if is_post:  # never sent: safe to send again
+                    raise _PostFailed(last_problem, resendable=True) from None
             except httpx.TimeoutException as exc:
                 last_problem = f"no answer in time ({type(exc).__name__})"
-                if is_post:  # the cloud may have acted: do not send the action twice
-                    raise CloudUnavailable(
-                        f"SURF API did not answer {method} {url} in time",
-                        hint="The action may have been accepted; check with `gpuctl status`.",
-                    ) from None
+                if is_post:  # the cloud may still act on it: do not send the action twice
+                    raise _PostFailed(last_problem, resendable=False) from None
             except httpx.TransportError as exc:
                 last_problem = f"connection failed ({type(exc).__name__})"
                 if is_post:
-                    raise CloudUnavailable(
-                        f"connection to the SURF API failed during {method} {url}",
-                        hint="The action may have been accepted; check with `gpuctl status`.",
-                    ) from None
+                    raise _PostFailed(last_problem, resendable=False) from None
             else:
                 log.debug("%s %s -> %d", method, url, response.status_code)
                 status = response.status_code
@@ -338,12 +366,15 @@ class SurfProvider:
                     wait = _retry_after(response)
                     if final or (wait is not None and wait > MAX_RETRY_AFTER):
                         raise CloudRateLimited(
-                            f"SURF API rate limit reached ({method} {url})", retry_after=wait
+                            "SURF API rate limit reached"
+                            + (f" (asked to wait {wait:g} s)" if wait is not None else ""),
+                            retry_after=wait,
                         )
                     await self._sleep(wait if wait is not None else self._backoff_delay(attempt))
                     continue
-                retryable = _SAFE_POST_RETRY_STATUSES if is_post else _RETRY_STATUSES
-                if status in retryable:
+                if status >= 500 and is_post:
+                    raise _PostFailed(f"HTTP {status}", resendable=True)
+                if status in _RETRY_STATUSES:
                     last_problem = f"HTTP {status}"
                 else:
                     self._raise_for(status, response, method, url)
@@ -351,8 +382,7 @@ class SurfProvider:
                 break
             await self._sleep(self._backoff_delay(attempt))
         raise CloudUnavailable(
-            f"SURF API unavailable: {method} {url}: {last_problem} "
-            f"(tried {self._max_retries + 1} times)"
+            f"SURF API failed to {what}: {last_problem} (tried {self._max_retries + 1} times)"
         )
 
     def _raise_for(
@@ -368,26 +398,40 @@ class SurfProvider:
                 "organisation. Create a new one in the SURF Research Cloud portal "
                 "(Profile → API tokens) and run `gpuctl auth login`.",
             )
+        log.debug("SURF API answered HTTP %d to %s %s", status, method, url)
         if status == 404:
-            raise GpuNotFound(f"SURF API knows no such workspace ({method} {url})")
+            raise GpuNotFound("SURF API knows no such workspace")
         if status == 400 and method == "POST":
             raise _Refused(message)
         if 500 <= status < 600:
-            raise CloudUnavailable(f"SURF API failed: {method} {url}: HTTP {status}")
-        raise CloudError(
-            f"SURF API answered HTTP {status} to {method} {url}"
-            + (f": {message}" if message else "")
-        )
+            raise CloudUnavailable(f"SURF API failed: HTTP {status}")
+        raise CloudError(f"SURF API answered HTTP {status}" + (f": {message}" if message else ""))
 
     @staticmethod
     def _json_object(response: httpx.Response) -> Mapping[str, Any]:
         try:
             body = response.json()
         except ValueError:
-            raise CloudError(f"SURF API sent a non-JSON answer for {response.url}") from None
+            log.debug("non-JSON answer from %s", response.url)
+            raise CloudError("SURF API sent a non-JSON answer") from None
         if not isinstance(body, Mapping):
-            raise CloudError(f"SURF API sent an unexpected answer for {response.url}")
+            log.debug("unexpected answer from %s", response.url)
+            raise CloudError("SURF API sent an answer that is not a JSON object")
         return body
+
+
+class _PostFailed(Exception):
+    """Internal: an action POST got no clear answer; ``_action`` reads back what happened.
+
+    ``resendable``: the cloud answered 5xx or the request never left, so sending it again
+    cannot start a second action the first one did not (a read-back has said it was not
+    taken). After a timeout the cloud may still be working through the first one.
+    """
+
+    def __init__(self, problem: str, *, resendable: bool) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.resendable = resendable
 
 
 class _Refused(Exception):

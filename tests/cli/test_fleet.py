@@ -267,7 +267,7 @@ def test_an_unavailable_cloud_exits_1_with_a_readable_line(
     result = gpuctl_on("discover", cloud_factory=provider)
 
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: SURF API unavailable")
+    assert result.stderr.startswith("Error: SURF API failed to list the workspaces: HTTP 500")
     assert "HTTP 500" in result.stderr
     assert "Traceback" not in result.output
 

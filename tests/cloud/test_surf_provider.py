@@ -327,6 +327,8 @@ async def test_action_is_not_resent_after_a_read_timeout(
 ) -> None:
     httpx_mock.add_exception(httpx.ReadTimeout("slow"), method="POST",
                              url=f"{WS_URL}actions/resume/")
+    httpx_mock.add_response(method="GET", url=WS_URL,
+                            json=workspace("ollama4", id=WS_ID, status="paused"))
 
     with pytest.raises(CloudUnavailable) as err:
         await provider.resume(WS_ID)
@@ -335,10 +337,25 @@ async def test_action_is_not_resent_after_a_read_timeout(
     assert "may have been accepted" in (err.value.hint or "")
 
 
-async def test_action_is_retried_after_a_503(
+async def test_a_timed_out_action_the_read_back_shows_taken_is_a_success(
     provider: SurfProvider, httpx_mock: HTTPXMock
 ) -> None:
-    httpx_mock.add_response(method="POST", url=f"{WS_URL}actions/resume/", status_code=503)
+    httpx_mock.add_exception(httpx.ReadTimeout("slow"), method="POST",
+                             url=f"{WS_URL}actions/resume/")
+    httpx_mock.add_response(method="GET", url=WS_URL,
+                            json=workspace("ollama4", id=WS_ID, status="resuming"))
+
+    assert (await provider.resume(WS_ID)).status == "resuming"
+    assert len(httpx_mock.get_requests(method="POST")) == 1
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_action_not_taken_after_a_5xx_is_sent_again_with_jittered_backoff(
+    provider: SurfProvider, httpx_mock: HTTPXMock, sleeps: Sleeps, status: int
+) -> None:
+    httpx_mock.add_response(method="POST", url=f"{WS_URL}actions/resume/", status_code=status)
+    httpx_mock.add_response(method="GET", url=WS_URL,
+                            json=workspace("ollama4", id=WS_ID, status="paused"))
     httpx_mock.add_response(method="POST", url=f"{WS_URL}actions/resume/", status_code=200,
                             json={})
     httpx_mock.add_response(method="GET", url=WS_URL,
@@ -347,6 +364,42 @@ async def test_action_is_retried_after_a_503(
     ws = await provider.resume(WS_ID)
 
     assert ws.status == "resuming"
+    assert len(httpx_mock.get_requests(method="POST")) == 2
+    (delay,) = sleeps.calls
+    assert 0.25 <= delay <= 0.5  # backoff 0.5 s, jittered down by up to half
+
+
+async def test_an_action_taken_despite_a_500_is_not_sent_twice(
+    provider: SurfProvider, httpx_mock: HTTPXMock
+) -> None:
+    httpx_mock.add_response(method="POST", url=f"{WS_URL}actions/resume/", status_code=500)
+    # SURF may still show "paused" for a while; the new pending action says it was taken.
+    taken = workspace("ollama4", id=WS_ID, status="paused", actions=[
+        {"type": "resume", "status": "pending", "time_created": "2026-10-07T13:03:00Z"}])
+    httpx_mock.add_response(method="GET", url=WS_URL, json=taken)
+
+    ws = await provider.resume(WS_ID)
+
+    assert (ws.status, ws.last_action, ws.last_action_status) == ("paused", "resume", "pending")
+    assert len(httpx_mock.get_requests(method="POST")) == 1
+
+
+async def test_an_action_failing_every_time_names_the_gpu_but_no_url_or_id(
+    provider: SurfProvider, httpx_mock: HTTPXMock, sleeps: Sleeps
+) -> None:
+    httpx_mock.add_response(method="POST", url=f"{WS_URL}actions/resume/", status_code=500,
+                            is_reusable=True)
+    httpx_mock.add_response(method="GET", url=WS_URL, is_reusable=True,
+                            json=workspace("ollama4", id=WS_ID, status="paused"))
+
+    with pytest.raises(CloudUnavailable) as err:
+        await provider.resume(WS_ID)
+
+    assert len(httpx_mock.get_requests(method="POST")) == 4  # max_retries=3: bounded
+    assert len(sleeps.calls) == 3
+    assert err.value.message == "SURF API failed to resume ollama4: HTTP 500 (tried 4 times)"
+    assert "http" not in err.value.message.lower().replace("http 500", "")
+    assert WS_ID not in err.value.message
 
 
 async def test_other_client_errors_are_cloud_errors_with_the_message(
