@@ -6,7 +6,9 @@ for Ollama (the old service gave up after 120 s while SURF kept resuming, weak s
 resume has failed when the cloud falls back to paused with a failed resume action, or when
 the time runs out. Each action is recorded as pending in the store before the cloud is
 asked, and cleared only when it ends, so an engine restarted in between adopts the action
-instead of sending it twice. A cancelled action (engine stopping) stays pending on purpose.
+instead of sending it twice; adopting one, it reads the workspace at once and sends a resume
+the cloud never got (the previous engine died between recording and sending). A cancelled
+action (engine stopping) stays pending on purpose.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from gpuctl.engine.estimates import Estimator
 from gpuctl.engine.fleet import ERROR_STATUSES, Flight, Gpu, WakeStage
 from gpuctl.engine.ledger import Ledger
 from gpuctl.engine.polling import cloud_poll_seconds, node_poll_seconds
-from gpuctl.errors import ActionRefused, CloudError, GpuctlError, GpuNotFound, WakeFailed
+from gpuctl.errors import (
+    ActionRefused,
+    ActionUncertain,
+    CloudError,
+    GpuctlError,
+    GpuNotFound,
+    WakeFailed,
+)
 from gpuctl.store import Store
 
 __all__ = ["CLOUD_POLL_SECONDS", "NODE_POLL_SECONDS", "Actions", "FleetHooks"]
@@ -124,10 +133,20 @@ class Actions:
         """Drive the cloud to "running"; True when it had to resume (it was not running)."""
         timing = self.config.timing
         clock = self.clock
-        deadline = flight.started + timing.startup_timeout_seconds
         ws = gpu.ws
+        asked_at: float | None = None
+        if adopt:
+            # Recorded before a restart: did it reach the cloud? Look now, not after a
+            # startup timeout (fault run 4 of issue 9: killed between record and send).
+            ws = await self._read(gpu, ws, "resuming")
+            if ws.shows("resume"):
+                asked_at = flight.started
+            elif ws.status == "paused":
+                log.info("the resume of %s recorded before the restart never reached the "
+                         "cloud; sending it now", gpu.name)
+                flight.started = clock.now()
+        deadline = flight.started + timing.startup_timeout_seconds
         progressed = False
-        asked_at: float | None = None if not adopt else flight.started
         resumed = ws.status != "running"
         while True:
             if not self.hooks.apply_workspace(gpu, ws):
@@ -150,7 +169,7 @@ class Actions:
                     not progressed and clock.now() - asked_at > BRIDGE_SECONDS
                 )
                 if lost:
-                    ws = await self._ask_resume(gpu, flight)
+                    ws = await self._ask_resume(gpu, flight, ws)
                     asked_at = clock.now()
                     if not flight.accepted.done():
                         flight.accepted.set_result(None)
@@ -173,7 +192,7 @@ class Actions:
             await clock.sleep(min(pace, timing.poll_interval_seconds, remaining))
             ws = await self._read(gpu, ws, "resuming")
 
-    async def _ask_resume(self, gpu: Gpu, flight: Flight) -> Workspace:
+    async def _ask_resume(self, gpu: Gpu, flight: Flight, last: Workspace) -> Workspace:
         # On the ledger before it is sent: a crash after the call still says who caused it.
         self.ledger.action(gpu, "resuming", flight.cause)
         flight.recorded = True
@@ -184,8 +203,18 @@ class Actions:
             return await self._read(gpu, gpu.ws, "resuming")
         except GpuNotFound:
             raise WakeFailed(f"{gpu.name} vanished from the cloud while resuming") from None
+        except ActionUncertain as exc:
+            # It may still arrive: watch the workspace; asked again only if nothing moves
+            # within the cloud's bridge time.
+            self.hooks.count("resume")
+            log.warning("%s; watching whether it arrives", exc)
+            return last
         except CloudError as exc:
-            raise WakeFailed(f"the cloud refused to resume {gpu.name}: {exc}") from None
+            # The provider already read back and retried: the cloud did not take it.
+            text = str(exc)
+            raise WakeFailed(
+                text if gpu.name in text else f"the cloud failed to resume {gpu.name}: {text}"
+            ) from None
         self.hooks.count("resume")
         log.info("asked the cloud to resume %s", gpu.name)
         return ws

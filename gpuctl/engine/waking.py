@@ -38,7 +38,7 @@ from gpuctl.engine.roster import Roster
 from gpuctl.errors import ActionRefused, NotCloudManaged, Unavailable, WakeFailed
 from gpuctl.store import Store
 
-__all__ = ["METRIC_HISTORY", "SUPPLY_RECHECK_SECONDS", "Waker"]
+__all__ = ["METRIC_HISTORY", "RETRY_AFTER_FAILED_WAKES", "SUPPLY_RECHECK_SECONDS", "Waker"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 SUPPLY_RECHECK_SECONDS = 1.0
 #: Resume durations kept for ``metrics()``.
 METRIC_HISTORY = 100
+#: Least ``Retry-After`` once no GPU with a model could be woken (a flaky cloud recovers in
+#: about this long; a cloud out of GPUs is not hammered).
+RETRY_AFTER_FAILED_WAKES = 30.0
 
 
 class Waker:
@@ -236,7 +239,9 @@ class Waker:
             if not candidates:
                 if serving_slots(model):
                     return
-                if not self._catalog.known(model):
+                unseen = [g for g in tried if (gpu := self._gpus.get(g)) is not None
+                          and gpu.models is None]
+                if not self._catalog.known(model) and not unseen:
                     name = self._queue.head(model)
                     self._queue.fail(model, not_found(name.given_name if name else model))
                 elif not self._cloud.managed:
@@ -246,9 +251,12 @@ class Waker:
                         hint="Static hosts are started by hand; check that Ollama runs there.",
                     ))
                 else:
+                    # Some GPU has the model, or may have it (one we could not wake to look):
+                    # never "not found" (fault run 3 of issue 9), but try again later.
                     why = "; ".join(reasons) or "none of the GPUs with it can be resumed"
                     self._count("wake_failures")
-                    error = WakeFailed(f"no GPU with {model} could be woken: {why}")
+                    error = WakeFailed(f"could not wake any GPU with {model}: {why}",
+                                       retry_after=self._retry_after_failed_wakes())
                     self._queue.fail(model, error)
                 return
             gpu = candidates[0]
@@ -268,6 +276,11 @@ class Waker:
                 reasons.append(f"the resume of {gpu.name} was cancelled")
             except Exception as exc:
                 reasons.append(f"{gpu.name}: {exc}")
+
+    def _retry_after_failed_wakes(self) -> float:
+        """When to try again after every wake for a model failed: a poll interval, so the
+        next try sees the fleet afresh, but at least ``RETRY_AFTER_FAILED_WAKES``."""
+        return max(RETRY_AFTER_FAILED_WAKES, self._config.timing.poll_interval_seconds)
 
     # -- the flights -------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
@@ -22,7 +23,7 @@ from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from gpuctl.config import Config
-from gpuctl.errors import GpuctlError, Unavailable
+from gpuctl.errors import GpuctlError, retry_after
 from gpuctl.gateway import admin, routes, ui
 from gpuctl.gateway.auth import AuthError
 from gpuctl.gateway.context import EngineFace, Gateway
@@ -225,8 +226,9 @@ def _install_errors(quart: Quart, gw: Gateway) -> None:
     @quart.errorhandler(GpuctlError)
     async def gpuctl_error(exc: GpuctlError) -> Response:
         headers: dict[str, str] = {}
-        if isinstance(exc, Unavailable):
-            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        wait = retry_after(exc)
+        if wait is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(wait)))
         if isinstance(exc, AuthError) and exc.http_status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="gpuctl"'
         return _error_response(exc.message, exc.http_status, headers)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuctl.engine.api import Progress, RequestRow, Ticket, Usage
-from gpuctl.errors import GpuctlError, Unavailable
+from gpuctl.errors import GpuctlError, retry_after
 from gpuctl.gateway.auth import AuthError
 from gpuctl.gateway.context import Gateway
 from gpuctl.gateway.jsonbody import BadJson, load_object
@@ -310,7 +310,7 @@ class _Call:
                     request=self.request)
             except GpuctlError as exc:
                 await self._stop_pump()
-                retry = exc.retry_after if isinstance(exc, Unavailable) else None
+                retry = retry_after(exc)
                 return await self._fail(exc.http_status, exc.message, retry_after=retry)
             except BaseException:
                 await self._stop_pump(cancel=True)

@@ -1,0 +1,77 @@
+"""The fault runs of issue 9 that the engine alone decides, on the fake clock.
+
+Each test here failed on the code before issue 9: a resume recorded but never sent cost a
+full startup timeout after a restart, and a flaky cloud made a model that exists "not found".
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gpuctl.errors import ModelNotFound, WakeFailed
+
+from .world import Fleet
+
+LLAMA = [{"name": "llama3.2:latest", "model": "llama3.2:latest"}]
+
+
+async def test_a_resume_recorded_but_never_sent_is_sent_at_once_after_a_restart(
+    fleet: Fleet,
+) -> None:
+    """SIGKILL between recording a resume and sending it: the store says "resuming", the
+    cloud never heard of it. The next engine looks at once and sends it."""
+    fleet.configure(timing={"startup_timeout_seconds": 600})
+    machine = fleet.cloud.add("gpu-a", models=["llama3.2:latest"])
+    fleet.store.save_models(machine.id, LLAMA, 0)
+    fleet.store.begin_action(machine.id, "resume", fleet.clock.wall() - 20)
+    engine = await fleet.start()
+    request = fleet.spawn(engine.acquire("llama3.2", "alice"))
+    await fleet.clock.settle()
+    assert fleet.cloud.resume_calls[machine.id] == 1  # sent now, not after 600 s
+    waited = await fleet.until(request.done)
+    assert request.result().gpu_name == "gpu-a"
+    assert waited <= 120 + 5 + 5  # the cloud's resume and Ollama's start, nothing more
+    assert fleet.cloud.total_resumes == 1
+    assert fleet.store.pending_actions() == {}
+
+
+async def test_an_adopted_resume_the_cloud_did_get_is_not_sent_again(fleet: Fleet) -> None:
+    machine = fleet.cloud.add("gpu-a", models=["llama3.2:latest"])
+    fleet.store.save_models(machine.id, LLAMA, 0)
+    fleet.store.begin_action(machine.id, "resume", fleet.clock.wall())
+    fleet.cloud.resume_now(machine.id)  # sent by the previous engine, then it died
+    await fleet.advance(30)
+    engine = await fleet.start()
+    request = fleet.spawn(engine.acquire("llama3.2", "alice"))
+    waited = await fleet.until(request.done)
+    assert waited <= 90 + 5 + 5
+    assert fleet.cloud.total_resumes == 1
+
+
+async def test_a_model_on_gpus_that_could_not_be_woken_is_503_not_404(fleet: Fleet) -> None:
+    """A fleet never seen awake; the resumes of both GPUs that have the model fail; the third
+    GPU lacks it. The model may well exist: 503 with the reasons and a Retry-After."""
+    fleet.cloud.add("gpu-a", models=["llama3.1:8b"], failed_resume_seconds=30)
+    fleet.cloud.add("gpu-b", models=["llama3.1:8b"], failed_resume_seconds=30)
+    fleet.cloud.add("gpu-c", models=["qwen2.5:7b"])
+    fleet.cloud.fail_next_resume("gpu-a")
+    fleet.cloud.fail_next_resume("gpu-b")
+    engine = await fleet.start()
+    request = fleet.spawn(engine.acquire("llama3.1:8b", "alice"))
+    await fleet.until(request.done)
+    with pytest.raises(WakeFailed) as err:
+        request.result()
+    assert err.value.message.startswith("could not wake any GPU with llama3.1:8b: ")
+    assert "gpu-a" in err.value.message and "gpu-b" in err.value.message
+    assert err.value.http_status == 503 and err.value.retry_after >= 10
+    assert engine.gpu("gpu-c").models == ["qwen2.5:7b"]  # the third was woken and looked at
+
+
+async def test_a_model_no_gpu_has_is_still_404_once_every_gpu_was_seen(fleet: Fleet) -> None:
+    fleet.cloud.add("gpu-a", models=["llama3.1:8b"], failed_resume_seconds=30)
+    fleet.cloud.add("gpu-b", models=["qwen2.5:7b"])
+    engine = await fleet.start()
+    request = fleet.spawn(engine.acquire("lama3.1:8b", "alice"))
+    await fleet.until(request.done)
+    with pytest.raises(ModelNotFound):
+        request.result()
