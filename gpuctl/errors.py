@@ -21,6 +21,7 @@ gateway answers ``{"error": "<message>"}``. No other exception should reach a us
     ├── NotCloudManaged              HTTP 409          resume/pause of a static host
     ├── NodeError                    exit 1, HTTP 502  a GPU's Ollama failed or vanished
     ├── WakeFailed                   exit 1, HTTP 503  a resume failed or timed out
+    │   └── NodeDown                                   a running GPU's Ollama does not answer
     ├── Unavailable                  exit 1, HTTP 503  queue full or wait limit passed
     └── SchemaTooNew                 exit 1            the database is from a newer gpuctl
 """
@@ -39,6 +40,7 @@ __all__ = [
     "GpuctlError",
     "KeyringUnusable",
     "ModelNotFound",
+    "NodeDown",
     "NodeError",
     "NotCloudManaged",
     "NotFoundError",
@@ -157,6 +159,13 @@ class WakeFailed(GpuctlError):
     ) -> None:
         super().__init__(message, hint=hint)
         self.retry_after = retry_after
+
+
+class NodeDown(WakeFailed):
+    """A GPU the cloud says is running, whose Ollama did not answer a short probe: no
+    resume was sent, so none failed; the GPU is marked failed and its requests move on."""
+
+    default_hint = "Check the GPU node (`docker compose ps` on it), or pause and resume it."
 
 
 class Unavailable(GpuctlError):

@@ -32,11 +32,12 @@ from gpuctl.errors import (
     CloudError,
     GpuctlError,
     GpuNotFound,
+    NodeDown,
     WakeFailed,
 )
 from gpuctl.store import Store
 
-__all__ = ["CLOUD_POLL_SECONDS", "NODE_POLL_SECONDS", "Actions", "FleetHooks"]
+__all__ = ["CLOUD_POLL_SECONDS", "DEAD_NODE_SECONDS", "NODE_POLL_SECONDS", "Actions", "FleetHooks"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 CLOUD_POLL_SECONDS = 5.0
 #: Longest pause between two readiness probes of a node that is starting.
 NODE_POLL_SECONDS = 2.0
+#: How long a node found running (not resumed by us) may fail its probes before its GPU is
+#: marked failed: a few probes' worth, so one dropped probe is not a death sentence, yet far
+#: below the readiness wait a booting node gets. Any later successful probe revives it.
+DEAD_NODE_SECONDS = 10.0
 #: The cloud may show the old status for a while after accepting an action (up to ~60 s).
 BRIDGE_SECONDS = 60.0
 _IN_PROGRESS = ("pending", "initialized")
@@ -102,10 +107,20 @@ class Actions:
                 resumed = await self._until_running(gpu, flight, adopt=adopt)
                 self.hooks.stage(gpu, flight, "running")
                 running_at = clock.now()
-                deadline = running_at + timing.ollama_readiness_wait_seconds
+                # The readiness wait is for a node that is starting; one found running gets
+                # a short probe (fault run 5 of issue 9: a dead node held requests 120 s).
+                wait = timing.ollama_readiness_wait_seconds
+                if not resumed:
+                    wait = min(wait, DEAD_NODE_SECONDS)
+                deadline = running_at + wait
                 while not await self.hooks.probe(gpu):
                     remaining = deadline - clock.now()
                     if remaining <= 0:
+                        if not resumed:
+                            gpu.node_failed = True
+                            raise NodeDown(
+                                f"{gpu.name} is running but its Ollama did not answer for "
+                                f"{wait:g} s: {gpu.last_error or 'not ready'}")
                         raise WakeFailed(
                             f"Ollama on {gpu.name} did not answer within "
                             f"{timing.ollama_readiness_wait_seconds:g} s of the GPU running "
@@ -120,6 +135,8 @@ class Actions:
                     self.estimator.record_resume(gpu.id, elapsed, ok=True)
                 log.info("%s resumed in %.0f s", gpu.name, elapsed)
                 return elapsed
+            except NodeDown:
+                raise  # no resume was sent: nothing to learn about resumes
             except WakeFailed as exc:
                 self.ledger.action(gpu, "failed", flight.cause)
                 elapsed = clock.now() - flight.started
@@ -288,7 +305,10 @@ class Actions:
             gpu.last_error = str(exc)
             if not flight.accepted.done():
                 flight.accepted.set_exception(exc)
-            log.warning("%s of %s failed: %s", flight.kind, gpu.name, exc)
+            if isinstance(exc, NodeDown):
+                log.warning("%s; marked failed, its requests go to another GPU", exc)
+            else:
+                log.warning("%s of %s failed: %s", flight.kind, gpu.name, exc)
             raise
         finally:
             if not flight.accepted.done():

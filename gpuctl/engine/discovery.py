@@ -168,6 +168,7 @@ class Discovery:
         else:
             gpu.running_since = None
             gpu.node_ready = False
+            gpu.node_failed = False
         self._refile(gpu)
         return True
 
@@ -196,6 +197,7 @@ class Discovery:
                 self._save_models(gpu)
             gpu.ps = ps
             gpu.loaded = {normalize_model(str(p.get("name") or p.get("model") or "")) for p in ps}
+            gpu.node_failed = False
             if gpu.last_error and gpu.waking is None:
                 gpu.last_error = None
         gpu.node_ready = ok

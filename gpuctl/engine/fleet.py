@@ -96,6 +96,9 @@ class Gpu:
     ready: bool = False
     waking: Flight | None = None
     pausing: Flight | None = None
+    #: Found running with a node that did not answer a short probe (``actions.NodeDown``):
+    #: UNAVAILABLE until a probe succeeds or the cloud stops it.
+    node_failed: bool = False
     grace_until: float = 0.0
     #: When the GPU last became idle (its last request ended, or it came up): the pause
     #: policy's clock for how long it has sat unused.
@@ -132,6 +135,8 @@ def derive_state(gpu: Gpu, now: float, readiness_wait: float) -> GpuState:
     if gpu.waking is not None:
         return GpuState.STARTING
     if status == "running":
+        if gpu.node_failed:
+            return GpuState.UNAVAILABLE
         if gpu.running_since is not None and now - gpu.running_since > readiness_wait:
             return GpuState.UNAVAILABLE
         return GpuState.STARTING

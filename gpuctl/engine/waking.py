@@ -35,7 +35,7 @@ from gpuctl.engine.leases import LeaseBook, reservation_seconds
 from gpuctl.engine.pausepolicy import PausePolicy
 from gpuctl.engine.progress import notify
 from gpuctl.engine.roster import Roster
-from gpuctl.errors import ActionRefused, NotCloudManaged, Unavailable, WakeFailed
+from gpuctl.errors import ActionRefused, NodeDown, NotCloudManaged, Unavailable, WakeFailed
 from gpuctl.store import Store
 
 __all__ = ["METRIC_HISTORY", "RETRY_AFTER_FAILED_WAKES", "SUPPLY_RECHECK_SECONDS", "Waker"]
@@ -309,6 +309,8 @@ class Waker:
             now = self._clock.now()
             gpu.grace_until = now + reservation_seconds(self._config) if flight.grace else now
             gpu.idle_since = now
+        except NodeDown:
+            raise  # no resume was sent, so none failed
         except WakeFailed:
             self._count("wake_failures")
             raise

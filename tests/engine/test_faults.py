@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from gpuctl.engine import GpuState
+from gpuctl.engine.actions import DEAD_NODE_SECONDS
 from gpuctl.errors import ModelNotFound, WakeFailed
 
 from .world import Fleet
@@ -75,3 +77,29 @@ async def test_a_model_no_gpu_has_is_still_404_once_every_gpu_was_seen(fleet: Fl
     await fleet.until(request.done)
     with pytest.raises(ModelNotFound):
         request.result()
+
+
+async def test_a_dead_node_on_a_running_gpu_is_marked_failed_in_seconds_and_another_wakes(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fleet never seen: gpu-a runs but its Ollama is dead; gpu-b is paused. The request
+    moves to gpu-b after a short probe of gpu-a, not after the 120 s readiness wait, and the
+    log does not call it a failed resume (none was sent)."""
+    fleet.cloud.add("gpu-a", status="running", ollama_up=False)
+    fleet.cloud.add("gpu-b")
+    engine = await fleet.start()
+    request = fleet.spawn(engine.acquire("llama3.2", "alice"))
+    waited = await fleet.until(request.done)
+    assert request.result().gpu_name == "gpu-b"
+    assert waited <= DEAD_NODE_SECONDS + 2 + 120 + 5 + 5  # probe, then gpu-b's resume
+    assert engine.gpu("gpu-a").state is GpuState.UNAVAILABLE
+    assert fleet.cloud.resume_calls[fleet.cloud.find("gpu-a").id] == 0
+    assert "resume of gpu-a failed" not in caplog.text
+    assert "gpu-a is running but its Ollama did not answer for 10 s" in caplog.text
+    assert engine.metrics().wake_failures == 0
+
+    # Its Ollama comes back: the next poll's probe makes it serve again.
+    engine.release(request.result())
+    fleet.cloud.find("gpu-a").ollama_up = True
+    await fleet.advance(10)
+    assert engine.gpu("gpu-a").state is GpuState.IDLE

@@ -1,0 +1,48 @@
+"""The fault runs of issue 9 over real sockets: the gateway as ``serve`` runs it, simulated
+nodes as HTTP servers, the real ``ollama`` client; cloud time on the fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import ollama
+import pytest
+
+from gpuctl.engine import GpuState
+from gpuctl.engine.actions import DEAD_NODE_SECONDS
+
+from .world import GpuSpec, WorldFactory, eventually
+
+LLAMA = ["llama3.2:latest"]
+
+
+async def test_a_node_killed_mid_stream_ends_that_stream_and_the_next_request_moves_on(
+    make_world: WorldFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """gpu-a's node dies mid-stream and stays dead; gpu-b is paused. The stream ends with an
+    error line; the next request wakes gpu-b after a short probe of gpu-a, not after the
+    readiness wait, and nothing says a resume of gpu-a failed."""
+    async with make_world(GpuSpec("gpu-a", chunks=5), GpuSpec("gpu-b", status="paused"),
+                          known={"gpu-a": LLAMA, "gpu-b": LLAMA}) as world:
+        world.nodes["gpu-a"].die_after = 2
+        world.cloud.find("gpu-a").ollama_up = False  # and it does not come back
+        client = world.ollama()
+        seen: list[str] = []
+        with pytest.raises(ollama.ResponseError) as caught:
+            async for part in await client.chat(model="llama3.2", messages=[], stream=True):
+                seen.append(part.message.content or "")
+        assert seen == ["tok0 ", "tok1 "]
+        assert "gpu-a failed mid-stream" in caught.value.error
+
+        nxt = asyncio.ensure_future(client.chat(model="llama3.2", messages=[], stream=False))
+        await eventually(lambda: world.engine.queue_depth() == 1)
+        started = world.clock.now()
+        await world.until(nxt.done)
+        waited = world.clock.now() - started
+        answer = await nxt
+        assert answer.message.content
+        assert world.nodes["gpu-b"].requests["/api/chat"] == 1
+        assert waited <= DEAD_NODE_SECONDS + 2 + 60 + 5 + 5  # probe gpu-a, wake gpu-b
+        assert world.gpu("gpu-a").state is GpuState.UNAVAILABLE
+        assert "resume of gpu-a failed" not in caplog.text
+        assert world.cloud.resume_calls[world.cloud.find("gpu-a").id] == 0
