@@ -207,6 +207,7 @@ async def run_gateway(app: GatewayApp, sock: socket.socket, *,
 
     granian serves the app (``gpuctl.gateway.server``); the whole shutdown sequence is here.
     """
+    from gpuctl.gateway.drain import drain
     from gpuctl.gateway.server import GatewayServer
 
     stop = shutdown or asyncio.Event()
@@ -222,6 +223,10 @@ async def run_gateway(app: GatewayApp, sock: socket.socket, *,
             # Shutdown, in this order:
             server.stop_accepting()             # 1. no new connections
             app.closing()                       # 2. end the status pages' live streams
-            await server.finish(GRACE_SECONDS)  # 3. requests in flight finish, or are ended
+            # 3. requests in flight finish, or are ended; every request still waiting for a
+            #    GPU is answered "gateway restarting" before the grace ends (drain.py)
+            finishing = asyncio.ensure_future(server.finish(GRACE_SECONDS))
+            await drain(app.gw, GRACE_SECONDS, finishing)
+            await finishing
             await server.closed()               # 4. the engine stops and persists its state
     return received

@@ -68,7 +68,7 @@ from gpuctl.errors import CloudError, GpuctlError, Unavailable
 from gpuctl.store import LeaseRecord, RequestRow, Store
 from gpuctl.store.store import UsageTotals
 
-__all__ = ["Engine", "NodeFactory"]
+__all__ = ["RESTARTING", "RESTART_SECONDS", "Engine", "NodeFactory"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ POLICY_HISTORY_SECONDS = 28 * 86_400.0
 LOAD_SECONDS = 0.5
 #: A load longer than this is a node's nonsense, not a figure to plan wakes by.
 MAX_LOAD_SECONDS = 3600.0
+#: What a request still waiting when the gateway restarts is told (``turn_away``).
+RESTARTING = "gateway restarting"
+#: Least ``Retry-After`` for it: about how long a restart takes.
+RESTART_SECONDS = 5.0
 
 
 @dataclass(eq=False)
@@ -144,7 +148,9 @@ class Engine:
         self._loop_task: asyncio.Task[None] | None = None
         self._refresh_error: str | None = None
         self._counters = {"resume": 0, "pause": 0, "wake_failures": 0, "granted": 0,
-                          "rejected": 0}
+                          "rejected": 0, "restarting": 0}
+        #: Set by ``turn_away``: the gateway is restarting; new requests are told so.
+        self._closing: str | None = None
         self._loads: list[tuple[str, float, float]] = []  # written by the next tick
         self._policy = PausePolicy(config)
         self._waker = Waker(
@@ -339,6 +345,9 @@ class Engine:
         """
         if self._background.stopping:
             raise Unavailable("gpuctl is shutting down", retry_after=10)
+        if self._closing is not None:
+            self._counters["restarting"] += 1
+            raise Unavailable(self._closing, retry_after=RESTART_SECONDS)
         name = normalize_model(model)
         now = self.clock.now()
         self._roster.expire(now)
@@ -578,6 +587,39 @@ class Engine:
             request.outcome = "error"
         self.ledger.request(request)
         self._meter.add(request)
+
+    # -- a restart ---------------------------------------------------------------------------
+
+    def in_flight(self) -> int:
+        """Requests holding a slot now."""
+        return len(self._grants)
+
+    def turn_away(self, message: str = RESTARTING, *, unless_within: float = 0.0) -> int:
+        """Answer the requests waiting for a GPU or a slot with ``Unavailable(message)``,
+        and every new request from now on; returns how many waiting ones were answered.
+
+        For a gateway about to stop (``gateway/drain.py``): a waiter expected to be served
+        within ``unless_within`` seconds keeps its place (call again to answer it too). Each
+        is told to retry after its own estimate (at least ``RESTART_SECONDS``): a resume in
+        flight goes on in the cloud, stays recorded, and the next start adopts it.
+        """
+        self._closing = message
+        answered = 0
+        for model in self._queue.models():
+            for position, waiter in enumerate(self._queue.waiters(model), 1):
+                estimate = self._announcer.estimate(model, position)
+                if waiter.future.done() or estimate <= unless_within:
+                    continue
+                self._queue.remove(waiter)
+                waiter.future.set_exception(
+                    Unavailable(message, retry_after=max(RESTART_SECONDS, estimate)))
+                answered += 1
+        self._counters["restarting"] += answered
+        return answered
+
+    def turned_away(self) -> int:
+        """Requests answered ``turn_away``'s message so far, waiting or new."""
+        return self._counters["restarting"]
 
     # -- admin actions -----------------------------------------------------------------------
 
