@@ -151,6 +151,8 @@ class Engine:
                           "rejected": 0, "restarting": 0}
         #: Set by ``turn_away``: the gateway is restarting; new requests are told so.
         self._closing: str | None = None
+        #: The cloud listed the fleet once: before that, no model is "not found".
+        self._discovered = False
         self._loads: list[tuple[str, float, float]] = []  # written by the next tick
         self._policy = PausePolicy(config)
         self._waker = Waker(
@@ -283,6 +285,7 @@ class Engine:
             self._refresh_error = str(exc)
             raise
         self._refresh_error = None
+        self._discovered = True
 
     def refresh_error(self) -> str | None:
         """Why the last fleet refresh failed (the fleet view may be stale), None if it worked."""
@@ -356,6 +359,10 @@ class Engine:
             if choice is not None:
                 return self._grant(choice, name, user, model, 0.0, request)
         if not self._catalog.known(name) and not self._waker.unknown_candidates():
+            if not self._discovered:  # an empty fleet because the cloud did not answer yet
+                raise Unavailable(
+                    "the GPU fleet is not known yet: the cloud API has not answered",
+                    retry_after=self.config.timing.poll_interval_seconds)
             raise not_found(model)
         if request is not None and self._needs_wake(name) and self._budgets.remaining(
                 request.key_id) is not None:

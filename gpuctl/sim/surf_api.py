@@ -18,6 +18,7 @@ is ``<server url>/v1``.
 from __future__ import annotations
 
 import json
+import random
 import threading
 import uuid
 from collections import Counter, deque
@@ -135,6 +136,10 @@ class SurfApiSim:
         self.headers_seen: deque[dict[str, str]] = deque(maxlen=history)
         self.lock = threading.Lock()  # tests poke state from another thread (ServerThread)
         self._faults: list[tuple[int, float | None]] = []
+        self._flaky: tuple[float, int, bool] | None = None
+        #: The requests answered with an injected fault, as (method, path).
+        self.faulted: deque[tuple[str, str]] = deque(maxlen=history)
+        self._rng = random.Random(0)
 
     # -- the cloud behind ------------------------------------------------------------------
 
@@ -178,6 +183,15 @@ class SurfApiSim:
         with self.lock:
             self._faults.extend([(status, retry_after)] * count)
 
+    def fail_randomly(self, rate: float, *, status: int = 500, seed: int = 0,
+                      acted: bool = False) -> None:
+        """From now on answer a fraction ``rate`` of requests with ``status`` (seeded, so a
+        run repeats); ``acted``: an action answered so was carried out all the same (the
+        cloud failed after taking it). ``rate=0`` ends it."""
+        with self.lock:
+            self._flaky = (rate, status, acted) if rate > 0 else None
+            self._rng = random.Random(seed)
+
     def fail_next_resume(self, workspace_id: str) -> None:
         """The next resume of this workspace fails (after the cloud's failed-resume time)."""
         with self.lock:
@@ -216,22 +230,34 @@ class SurfApiSim:
                 status, retry_after = self._faults.pop(0)
                 extra = {"retry-after": f"{retry_after:g}"} if retry_after is not None else {}
                 return status, _error(status, "injected fault"), extra
-            if headers.get("authorization") != self.token:
-                return 401, {"detail": "Invalid token."}, {}
-            if not path.startswith(self.prefix + "/workspace/workspaces/"):
-                return 404, _error(404, "Not found."), {}
-            parts = path[len(self.prefix + "/workspace/workspaces/"):].strip("/").split("/")
-            query = dict(parse_qsl(scope.get("query_string", b"").decode()))
-            if parts == [""] and method == "GET":
-                return 200, self._list(scope, headers, query), {}
-            machine = self.cloud.machines.get(parts[0])
-            if machine is None or (machine.deleted and method != "GET"):
-                return 404, _error(404, "Not found."), {}
-            if len(parts) == 1 and method == "GET":
-                return 200, workspace_json(self.cloud.machine_now(machine.id)), {}
-            if len(parts) == 3 and parts[1] == "actions" and method == "POST":
-                return self._action(machine, parts[2])
-            return 405, _error(405, "Method not allowed."), {}
+            flaky = self._flaky
+            if flaky is not None and self._rng.random() < flaky[0]:
+                _, status, acted = flaky
+                if acted:  # carry it out, then answer the fault
+                    self._route(scope, headers, method, path)
+                self.faulted.append((method, path))
+                return status, _error(status, "injected fault"), {}
+            return self._route(scope, headers, method, path)
+
+    def _route(self, scope: Scope, headers: dict[str, str], method: str, path: str
+               ) -> tuple[int, Any, dict[str, str]]:
+        """Answer one request (the caller holds ``self.lock``)."""
+        if headers.get("authorization") != self.token:
+            return 401, {"detail": "Invalid token."}, {}
+        if not path.startswith(self.prefix + "/workspace/workspaces/"):
+            return 404, _error(404, "Not found."), {}
+        parts = path[len(self.prefix + "/workspace/workspaces/"):].strip("/").split("/")
+        query = dict(parse_qsl(scope.get("query_string", b"").decode()))
+        if parts == [""] and method == "GET":
+            return 200, self._list(scope, headers, query), {}
+        machine = self.cloud.machines.get(parts[0])
+        if machine is None or (machine.deleted and method != "GET"):
+            return 404, _error(404, "Not found."), {}
+        if len(parts) == 1 and method == "GET":
+            return 200, workspace_json(self.cloud.machine_now(machine.id)), {}
+        if len(parts) == 3 and parts[1] == "actions" and method == "POST":
+            return self._action(machine, parts[2])
+        return 405, _error(405, "Method not allowed."), {}
 
     def _list(self, scope: Scope, headers: dict[str, str], query: dict[str, str]
               ) -> dict[str, Any]:

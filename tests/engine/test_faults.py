@@ -10,7 +10,7 @@ import pytest
 
 from gpuctl.engine import GpuState
 from gpuctl.engine.actions import DEAD_NODE_SECONDS
-from gpuctl.errors import ModelNotFound, WakeFailed
+from gpuctl.errors import ModelNotFound, Unavailable, WakeFailed
 
 from .world import Fleet
 
@@ -103,3 +103,18 @@ async def test_a_dead_node_on_a_running_gpu_is_marked_failed_in_seconds_and_anot
     fleet.cloud.find("gpu-a").ollama_up = True
     await fleet.advance(10)
     assert engine.gpu("gpu-a").state is GpuState.IDLE
+
+
+async def test_before_the_cloud_first_lists_the_fleet_no_model_is_not_found(
+    fleet: Fleet,
+) -> None:
+    fleet.cloud.add("gpu-a")
+    fleet.cloud.fail_calls(1)  # the list at start fails: the engine knows no GPU yet
+    engine = await fleet.start()
+    with pytest.raises(Unavailable) as err:
+        await engine.acquire("llama3.2", "alice")
+    assert "not known yet" in err.value.message and err.value.retry_after == 10
+    await fleet.advance(10)  # the next poll lists it: the request is held for a wake now
+    request = fleet.spawn(engine.acquire("llama3.2", "alice"))
+    await fleet.until(request.done)
+    assert request.result().gpu_name == "gpu-a"

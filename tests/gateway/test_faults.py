@@ -46,3 +46,35 @@ async def test_a_node_killed_mid_stream_ends_that_stream_and_the_next_request_mo
         assert world.gpu("gpu-a").state is GpuState.UNAVAILABLE
         assert "resume of gpu-a failed" not in caplog.text
         assert world.cloud.resume_calls[world.cloud.find("gpu-a").id] == 0
+
+
+@pytest.mark.parametrize(("rate", "acted"), [(0.3, False), (0.5, False), (0.5, True)])
+async def test_a_cold_start_through_a_flaky_cloud_serves_everyone_and_never_says_not_found(
+    make_world: WorldFactory, rate: float, acted: bool,
+) -> None:
+    """Fault run 3 of issue 9: a fleet never seen awake (models unknown), the SURF API
+    answering 500 to a share of all requests (``acted``: after carrying the action out), 20
+    clients at once. Before: the resumes of the two GPUs with the model got 500, the third
+    (without it) was woken, and all 20 were told the model does not exist. The seed is one
+    whose faults hit resume POSTs (asserted), and the run repeats exactly."""
+    specs = (GpuSpec("gpu-a", status="paused", models=("llama3.1:8b",)),
+             GpuSpec("gpu-b", status="paused", models=("llama3.1:8b",)),
+             GpuSpec("gpu-c", status="paused", models=("qwen2.5:7b",)))
+    async with make_world(*specs, slots=4, cloud_api=True) as world:
+        assert world.surf is not None
+        world.surf.fail_randomly(rate, seed=4, acted=acted)
+        client = world.ollama()
+        calls = [asyncio.ensure_future(
+            client.chat(model="llama3.1:8b", messages=[], stream=False)) for _ in range(20)]
+        world.tasks.extend(calls)
+        await eventually(lambda: world.engine.queue_depth() == 20)
+        await world.until(lambda: all(c.done() for c in calls), limit=1200)
+        errors = [c.exception() for c in calls if c.exception() is not None]
+        assert errors == []
+        assert all((c.result().message.content or "") for c in calls)
+        assert world.cloud.find("gpu-c").status == "paused"  # never woken to look
+        # The faults hit the resume POSTs too (this seed), and those were sent again.
+        faulted = [p for m, p in world.surf.faulted if m == "POST" and p.endswith("/resume/")]
+        assert faulted
+        # A resume the cloud took despite its 500 is read back, never sent twice.
+        assert all(n == 1 for n in world.surf.resume_posts.values())

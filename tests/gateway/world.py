@@ -21,6 +21,8 @@ import httpx
 import ollama
 import openai
 
+from gpuctl.cloud.base import CloudProvider
+from gpuctl.cloud.surf import SurfProvider
 from gpuctl.config import Config
 from gpuctl.credentials import Credentials
 from gpuctl.engine.clock import FakeClock
@@ -30,10 +32,17 @@ from gpuctl.gateway.server import ServerSettings, running_gateway
 from gpuctl.sim.cloud import SimCloud
 from gpuctl.sim.ollama import SimOllama
 from gpuctl.sim.servers import running
+from gpuctl.sim.surf_api import SurfApiSim
 from gpuctl.store import Store
 from gpuctl.store.keys import KeyStore
 
 NODE_TOKEN = "node-secret-token"
+SURF_TOKEN = "surf-sim-token"
+
+
+async def _no_wait(seconds: float) -> None:
+    """The provider's retry backoff, not waited out (cloud time is the fake clock's)."""
+    await asyncio.sleep(0)
 
 
 @dataclass
@@ -48,6 +57,7 @@ class World:
     url: str
     admin_key: str
     user_key: str
+    surf: SurfApiSim | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
 
@@ -100,7 +110,11 @@ def world_factory(tmp_path: Path) -> WorldFactory:
     async def factory(*gpus: GpuSpec, slots: int = 2, max_queue: int = 64,
                       max_body_mb: float = 64, known: dict[str, list[str]] | None = None,
                       wait_notice: str = "thinking", drift: float = 0.0,
+                      cloud_api: bool = False,
                       server: dict[str, Any] | None = None) -> AsyncIterator[World]:
+        """``cloud_api``: the engine reaches the simulated cloud as gpuctl reaches SURF, the
+        real ``SurfProvider`` over HTTP to ``SurfApiSim`` (``world.surf``: fault injection),
+        its retry backoff not waited out."""
         gpus = gpus or (GpuSpec("gpu-1"),)
         clock = FakeClock(drift=drift)
         cloud = SimCloud(clock, resume_seconds=60, pause_seconds=30, ollama_seconds=5)
@@ -128,12 +142,19 @@ def world_factory(tmp_path: Path) -> WorldFactory:
                 if known is not None and spec.name in known:
                     entries = [{"name": m, "model": m} for m in known[spec.name]]
                     store.save_models(machine.id, entries, clock.wall())
-            engine = Engine(config, cloud, store, clock=clock, nodes=cloud.node)
+            provider: CloudProvider = cloud
+            surf: SurfApiSim | None = None
+            if cloud_api:
+                surf = SurfApiSim(cloud=cloud, token=SURF_TOKEN)
+                surf_url = await stack.enter_async_context(running(surf))
+                provider = SurfProvider(f"{surf_url}/v1", SURF_TOKEN, sleep=_no_wait)
+                stack.push_async_callback(provider.aclose)
+            engine = Engine(config, provider, store, clock=clock, nodes=cloud.node)
             app = create_app(config, engine, keys, node_token=NODE_TOKEN)
             settings = ServerSettings.from_config(config, Credentials().setting_file)
             url = await stack.enter_async_context(running_gateway(app, settings=settings))
             world = World(clock, cloud, nodes, engine, keys, store, app, url, admin_key,
-                          user_key)
+                          user_key, surf=surf)
             # The engine has started: ``running_gateway`` waits for the lifespan startup.
             try:
                 yield world
