@@ -93,8 +93,9 @@ class Credentials:
             f"OS keyring (service {SERVICE!r}, user {name!r})",
         ]
 
-    def find(self, name: SecretName) -> Found | None:
-        """The secret ``name`` from the first place that has it, or None."""
+    def find(self, name: SecretName, *, keyring: bool = True) -> Found | None:
+        """The secret ``name`` from the first place that has it, or None. ``keyring=False``
+        stops before the OS keyring (a companion of a secret that did not come from it)."""
         for var in _ENV_NAMES[name]:
             value = self.env.get(var, "").strip()
             if value:
@@ -107,7 +108,7 @@ class Credentials:
         if cred_dir and (Path(cred_dir) / name).is_file():
             path = Path(cred_dir) / name
             return Found(self._read_file(path, "CREDENTIALS_DIRECTORY"), f"file {path}")
-        return self._from_keyring(name)
+        return self._from_keyring(name) if keyring else None
 
     def setting_file(self, value: str, setting: str) -> Path:
         """A secret file a setting names (``server.tls_key``...): a path, or a bare name in

@@ -124,6 +124,10 @@ def main(
         # httpx/httpcore debug logs carry request headers: never let a token through.
         for noisy in ("httpcore", "hpack"):
             logging.getLogger(noisy).setLevel(logging.INFO)
+        # One INFO line per HTTP request (every node probe: ~9k lines an hour on a fleet),
+        # and keyring's backend discovery on every start: noise, not debugging help.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("keyring").setLevel(logging.INFO)
 
 
 fleet.register(app)

@@ -30,7 +30,9 @@ def make_provider(config: Config, credentials: Credentials) -> CloudProvider:
     from gpuctl.cloud.surf import SurfProvider
 
     token = credentials.require("api_token")
-    csrf = credentials.find("csrf_token")
+    # The CSRF token goes with the API token: a server given its token in the environment or
+    # a file is not made to open the OS keyring for the optional companion (and log it).
+    csrf = credentials.find("csrf_token", keyring=token.source.startswith("OS keyring"))
     return SurfProvider(
         api.base_url,
         token.value,

@@ -112,3 +112,46 @@ def test_store_and_delete_round_trip(ring: KeyringBackend) -> None:
     assert creds.delete("csrf_token") is True
     assert creds.delete("csrf_token") is False
     assert creds.find("csrf_token") is None
+
+
+class _Untouchable(KeyringBackend):
+    """A keyring that notes every read (gpuctl swallows a backend's errors, so it must not
+    raise), and fails any write."""
+
+    priority = 1
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.reads: list[str] = []
+
+    def get_password(self, service: str, username: str) -> str | None:
+        self.reads.append(username)
+        return None
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        raise AssertionError("the keyring was written")
+
+    def delete_password(self, service: str, username: str) -> None:
+        raise AssertionError("the keyring was written")
+
+
+def test_a_token_in_the_environment_does_not_open_the_keyring_for_the_csrf_token() -> None:
+    from gpuctl.cloud import make_provider
+    from gpuctl.config import Config
+
+    ring = _Untouchable()
+    provider = make_provider(Config(), Credentials({"GPUCTL_API_TOKEN": "t"}, keyring_backend=ring))
+    assert "x-csrftoken" not in provider._headers  # type: ignore[attr-defined]
+    assert ring.reads == []
+
+
+def test_a_token_from_the_keyring_brings_its_csrf_token_from_there_too(
+    ring: KeyringBackend,
+) -> None:
+    from gpuctl.cloud import make_provider
+    from gpuctl.config import Config
+
+    ring.set_password(SERVICE, "api_token", "ring-token")
+    ring.set_password(SERVICE, "csrf_token", "ring-csrf")
+    provider = make_provider(Config(), Credentials({}, keyring_backend=ring))
+    assert provider._headers["x-csrftoken"] == "ring-csrf"  # type: ignore[attr-defined]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .conftest import Gpuctl
+from .conftest import Cloud, Gpuctl
+
+if TYPE_CHECKING:
+    from conftest import GpuctlProcess  # tests/conftest.py: the gpuctl_process fixture
 
 
 def test_help_lists_every_fixed_command(gpuctl: Gpuctl) -> None:
@@ -111,3 +114,16 @@ def test_python_dash_m_gpuctl_runs_the_cli() -> None:
     out = subprocess.run([sys.executable, "-m", "gpuctl", "--version"], capture_output=True,
                          text=True, check=True)
     assert out.stdout.startswith("gpuctl ")
+
+
+def test_debug_logs_no_line_per_http_request_and_no_keyring_chatter(
+    cloud: Cloud, gpuctl_process: GpuctlProcess,
+) -> None:
+    cloud.sim.add("gpu-a", status="running", ip="127.0.0.1")
+    with gpuctl_process("--debug", "status", env=cloud.env()) as proc:
+        assert proc.wait(30) == 0
+        assert proc.stderr is not None
+        log = proc.stderr.read()
+    assert "DEBUG gpuctl" in log or "DEBUG asyncio" in log  # debug logging is on
+    assert "HTTP Request:" not in log  # httpx's INFO line per request (node probes too)
+    assert "keyring" not in log  # the token is in the environment

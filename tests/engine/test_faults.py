@@ -118,3 +118,25 @@ async def test_before_the_cloud_first_lists_the_fleet_no_model_is_not_found(
     request = fleet.spawn(engine.acquire("llama3.2", "alice"))
     await fleet.until(request.done)
     assert request.result().gpu_name == "gpu-a"
+
+
+async def test_a_cold_overloads_retry_after_is_when_the_line_moves_and_counts_down(
+    fleet: Fleet,
+) -> None:
+    """A full queue on a waking GPU: come back when the GPU is up (the resume left and a
+    load), not after the whole line priced at a guessed 20 s per round."""
+    fleet.configure(server={"max_queue": 8})
+    machine = fleet.cloud.add("gpu-a")
+    fleet.store.save_models(machine.id, LLAMA, 0)
+    fleet.store.record_resume(machine.id, 120.0, ok=True, at=0)
+    engine = await fleet.start()
+    waiting = [fleet.spawn(engine.acquire("llama3.2", f"u{i}")) for i in range(8)]
+    await fleet.clock.settle()
+    with pytest.raises(Unavailable, match="queue is full") as first:
+        await engine.acquire("llama3.2", "late")
+    assert first.value.retry_after == pytest.approx(120 + 15, abs=1)  # resume + a load
+    await fleet.advance(60)
+    with pytest.raises(Unavailable, match="queue is full") as later:
+        await engine.acquire("llama3.2", "later")
+    assert later.value.retry_after == pytest.approx(60 + 15, abs=1)
+    await fleet.until(lambda: all(t.done() for t in waiting))
