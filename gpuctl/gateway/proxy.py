@@ -255,6 +255,8 @@ class _Call:
         self.sending_since = 0.0
         self._task: asyncio.Task[Any] | None = None
         self.stalled_out = False
+        #: Token counts of an answer whose client left before its end (``_relay_body``).
+        self.usage: Usage | None = None
 
     def stalled(self) -> None:
         """The client stopped reading past ``server.stall_timeout_seconds``: end it."""
@@ -329,7 +331,7 @@ class _Call:
                 if not gw.engine.route_again(attempt, answered=exc.sent):
                     return await self._fail(502, f"GPU {ticket.gpu_name} failed: {exc}")
             finally:
-                gw.engine.release(ticket, usage, failed=failed)
+                gw.engine.release(ticket, usage or self.usage, failed=failed)
         raise AssertionError("unreachable: the engine ends the attempts")
 
     async def _relay(self, ticket: Ticket) -> tuple[int, Usage | None, str | None]:
@@ -385,6 +387,13 @@ class _Call:
                         pieces.append(piece)
                     else:
                         prev, tail = tail, piece
+            except asyncio.CancelledError:
+                # The client left: maybe right after the final line, before the body's end
+                # (a client that stops reading at "done"). The node did the work: count what
+                # its final line says (nothing, if it never came).
+                if status == 200:
+                    self.usage = _usage(b"".join(pieces) if keep else prev + tail)
+                raise
             except UpstreamError as exc:
                 reason = f"{ticket.gpu_name}: {exc}"
                 tail = pieces[-1] if keep and pieces else tail

@@ -77,7 +77,8 @@ class SimOllama:
     streams readable text this way). Steering attributes, all safe to flip between
     requests: ``up`` (False: every route but ``/`` answers 503), ``die_after`` (drop the
     connection after that many chunks), ``hold_after`` with ``release()`` (park streams
-    after that many chunks until released; call it in the server's loop), ``token``
+    after that many chunks until released; call it in the server's loop), ``linger``
+    (seconds between a stream's ``done`` line and the end of its body), ``token``
     (demand ``Authorization: Bearer <token>``), ``load_seconds`` (the ``load_duration``
     reported when the model was not loaded yet).
     """
@@ -114,6 +115,8 @@ class SimOllama:
         self.up = True
         self.die_after: int | None = None
         self.hold_after: int | None = None
+        #: Seconds between a stream's last line and the end of its body.
+        self.linger = 0.0
         self._release = asyncio.Event()
         self.blobs: set[str] = set()
         self.requests: Counter[str] = Counter()
@@ -301,8 +304,12 @@ class SimOllama:
                     await self._sleep(self.interval)
                 await send({"type": "http.response.body",
                             "body": self._chunk(path, model, req, i), "more_body": True})
-            await send({"type": "http.response.body", "body": self._final(path, model, req, cold),
-                        "more_body": False})
+            final = self._final(path, model, req, cold)
+            if self.linger:  # the last line out, the end of the body later
+                await send({"type": "http.response.body", "body": final, "more_body": True})
+                await self._sleep(self.linger)
+                final = b""
+            await send({"type": "http.response.body", "body": final, "more_body": False})
             self.completed_streams += 1
         except (asyncio.CancelledError, OSError):
             self.cancelled_streams += 1

@@ -4,6 +4,7 @@ nodes as HTTP servers, the real ``ollama`` client; cloud time on the fake clock.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import ollama
 import pytest
@@ -78,3 +79,22 @@ async def test_a_cold_start_through_a_flaky_cloud_serves_everyone_and_never_says
         assert faulted
         # A resume the cloud took despite its 500 is read back, never sent twice.
         assert all(n == 1 for n in world.surf.resume_posts.values())
+
+
+async def test_a_client_leaving_right_after_the_done_line_still_has_its_tokens_counted(
+    make_world: WorldFactory,
+) -> None:
+    """The likely cause of the "0 tokens" drained requests of issue 9: the client read the
+    ``done`` line (with the counts) and closed before the body's end; its disconnect
+    cancelled the request before the counts were parsed, so usage said 0 tokens."""
+    async with make_world(GpuSpec("gpu-1", chunks=3)) as world:
+        world.nodes["gpu-1"].linger = 0.5
+        async with world.client() as c, \
+                c.stream("POST", "/api/chat", json={"model": "llama3.2"}) as r:
+            async for line in r.aiter_lines():
+                if json.loads(line)["done"]:
+                    break  # leaving the block closes the connection before the body's end
+        await eventually(lambda: world.gpu("gpu-1").slots_in_use == 0)
+        usage = world.store.usage()["alice"]
+        assert (usage.requests, usage.tokens_out) == (1, 3)
+        assert usage.tokens_in > 0
