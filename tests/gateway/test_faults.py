@@ -98,3 +98,24 @@ async def test_a_client_leaving_right_after_the_done_line_still_has_its_tokens_c
         usage = world.store.usage()["alice"]
         assert (usage.requests, usage.tokens_out) == (1, 3)
         assert usage.tokens_in > 0
+
+
+async def test_a_gpu_the_cloud_cannot_resume_is_a_503_with_retry_after_and_no_cloud_url(
+    make_world: WorldFactory,
+) -> None:
+    async with make_world(GpuSpec("gpu-a", status="paused"), known={"gpu-a": LLAMA},
+                          cloud_api=True) as world, world.client() as c:
+        assert world.surf is not None
+        world.surf.fail_randomly(1.0, seed=1)  # the cloud answers 500 to everything now
+        answer = asyncio.ensure_future(
+            c.post("/api/chat", json={"model": "llama3.2", "stream": False}))
+        await eventually(lambda: world.engine.queue_depth() == 1)
+        await world.until(answer.done)
+        r = await answer
+        assert r.status_code == 503
+        assert int(r.headers["retry-after"]) >= 10
+        message = r.json()["error"]
+        assert message.startswith("could not wake any GPU with llama3.2:latest: ")
+        assert "resume gpu-a: " in message and "HTTP 500 (tried 5 times)" in message
+        machine = world.cloud.find("gpu-a")
+        assert machine.id not in message and "/v1/" not in message and "refused" not in message
