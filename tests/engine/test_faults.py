@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from gpuctl.engine import GpuState
-from gpuctl.engine.actions import DEAD_NODE_SECONDS
-from gpuctl.errors import ModelNotFound, Unavailable, WakeFailed
+from gpuctl.engine.actions import BRIDGE_SECONDS, CLOUD_POLL_SECONDS, DEAD_NODE_SECONDS
+from gpuctl.errors import ActionUncertain, ModelNotFound, Unavailable, WakeFailed
 
 from .world import Fleet
 
@@ -140,3 +140,21 @@ async def test_a_cold_overloads_retry_after_is_when_the_line_moves_and_counts_do
         await engine.acquire("llama3.2", "later")
     assert later.value.retry_after == pytest.approx(60 + 15, abs=1)
     await fleet.until(lambda: all(t.done() for t in waiting))
+
+
+async def test_an_unanswered_resume_is_watched_then_sent_again_once_nothing_moves(
+    fleet: Fleet,
+) -> None:
+    """A resume POST that timed out may still be acted on: not resent at once (that could
+    start a second action), but once the cloud shows nothing for its bridge time."""
+    machine = fleet.cloud.add("gpu-a")
+    fleet.store.save_models(machine.id, LLAMA, 0)
+    engine = await fleet.start()
+    fleet.cloud.fail_calls(1, ActionUncertain("SURF API did not answer the resume of gpu-a"))
+    request = fleet.spawn(engine.acquire("llama3.2", "alice"))
+    await fleet.advance(30)
+    assert fleet.cloud.resume_calls[machine.id] == 0  # the lost one never reached the sim
+    waited = await fleet.until(request.done)
+    assert request.result().gpu_name == "gpu-a"
+    assert fleet.cloud.resume_calls[machine.id] == 1  # sent again after the bridge time
+    assert 30 + waited <= BRIDGE_SECONDS + CLOUD_POLL_SECONDS + 120 + 5 + 5
