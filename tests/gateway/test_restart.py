@@ -112,6 +112,21 @@ async def test_sigterm_answers_every_request_waiting_on_a_long_resume_and_logs_i
         finally:
             store.close()
 
+        # The next start adopts the resume (never sends a second) and serves once it is up.
+        with sim.lock:
+            machine.until = sim.clock.now() + 1.0  # the cloud finishes the resume soon
+        env["GPUCTL_TIMING__POLL_INTERVAL_SECONDS"] = "0.1"
+        with gpuctl_process("serve", "--port", "0", env=env) as proc:
+            assert proc.stderr is not None
+            match = re.search(r"http://([\d.]+:\d+)", proc.stderr.readline())
+            assert match
+            async with httpx.AsyncClient(base_url=f"http://{match.group(1)}", timeout=20,
+                                         headers={"Authorization": f"Bearer {secret}"}) as c:
+                served = await c.post("/api/chat", json={"model": "llama3.2", "stream": False})
+            assert served.status_code == 200, served.text
+            assert served.headers["x-gpuctl-gpu"] == "gpu-a"
+            assert sim.resume_posts[machine.id] == 1
+
 
 async def test_a_waiter_likely_served_within_the_grace_keeps_its_place_through_the_drain(
     make_world: WorldFactory,
