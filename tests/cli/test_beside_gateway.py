@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,11 +48,11 @@ def test_status_beside_a_live_gateway_shows_its_leases_and_never_writes_them(
                           headers={"Authorization": f"Bearer {secret}"}) as client:
             answer = client.post("/api/chat", json={"model": "llama3.2", "stream": False})
             assert answer.status_code == 200, answer.text
-            # The gateway writes its leases on its next poll (0.2 s here); wait for that.
-            for _ in range(100):
-                if _stored_leases(gpuctl_home):
-                    break
-                client.get("/health")  # a real-time wait bounded by 100 round trips
+            # The gateway writes its leases on its next poll (0.2 s here): wait for that,
+            # bounded (another process, on the real clock).
+            deadline = time.monotonic() + 10
+            while not _stored_leases(gpuctl_home) and time.monotonic() < deadline:
+                time.sleep(0.02)
             assert _stored_leases(gpuctl_home) == [(machine.id, "alice")]
 
             result = gpuctl_on("status", "--json")
