@@ -17,6 +17,7 @@ is ``<server url>/v1``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import threading
@@ -137,6 +138,10 @@ class SurfApiSim:
         self.lock = threading.Lock()  # tests poke state from another thread (ServerThread)
         self._faults: list[tuple[int, float | None]] = []
         self._flaky: tuple[float, int, bool] | None = None
+        self._gate: threading.Event | None = None
+        self._gate_drop = False
+        #: Action POSTs waiting on ``hold_actions``.
+        self.held_actions = 0
         #: The requests answered with an injected fault, as (method, path).
         self.faulted: deque[tuple[str, str]] = deque(maxlen=history)
         self._rng = random.Random(0)
@@ -192,6 +197,23 @@ class SurfApiSim:
             self._flaky = (rate, status, acted) if rate > 0 else None
             self._rng = random.Random(seed)
 
+    def hold_actions(self) -> None:
+        """From now on, action POSTs wait unanswered (and not carried out) until
+        ``release_actions``: the window between a gateway recording an action and the cloud
+        getting it, held open (``held_actions`` counts the waiting ones)."""
+        with self.lock:
+            self._gate = threading.Event()
+            self._gate_drop = False
+
+    def release_actions(self, *, drop: bool = False) -> None:
+        """Let held action POSTs go on; ``drop``: answer them 503 without acting, as if
+        they never reached the cloud (their sender was killed)."""
+        with self.lock:
+            gate, self._gate = self._gate, None
+            self._gate_drop = drop
+        if gate is not None:
+            gate.set()
+
     def fail_next_resume(self, workspace_id: str) -> None:
         """The next resume of this workspace fails (after the cloud's failed-resume time)."""
         with self.lock:
@@ -212,7 +234,20 @@ class SurfApiSim:
             pass
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        status, body, extra = self._handle(scope, headers)
+        status: int
+        body: Any
+        extra: dict[str, str]
+        gate = self._gate
+        if gate is not None and scope["method"] == "POST":
+            self.held_actions += 1
+            await asyncio.to_thread(gate.wait, 60.0)  # bounded: a test forgetting to release
+            self.held_actions -= 1
+            if self._gate_drop:  # it never reached the cloud
+                status, body, extra = 503, _error(503, "dropped"), {}
+            else:
+                status, body, extra = self._handle(scope, headers)
+        else:
+            status, body, extra = self._handle(scope, headers)
         raw = json.dumps(body).encode()
         out = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
         out += [(k.encode(), v.encode()) for k, v in extra.items()]

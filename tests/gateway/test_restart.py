@@ -9,6 +9,7 @@ with counts, and the resume in flight stays recorded for the next start to adopt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -156,3 +157,61 @@ async def test_a_waiter_likely_served_within_the_grace_keeps_its_place_through_t
             report = await asyncio.wait_for(drained, 5)
         assert second.status_code == 200
         assert (report.finished, report.turned_away, report.cut) == (2, 1, 0)
+
+
+async def test_a_gateway_killed_between_recording_a_resume_and_sending_it_is_covered(
+    gpuctl_home: Path, gpuctl_process: GpuctlProcess,
+) -> None:
+    """SIGKILL while the resume POST is on its way: the store says "resume pending", the
+    cloud never got it. The next start sees that at once and sends it (before: it waited
+    on a paused GPU for the bridge time or the startup timeout)."""
+    sim = SurfApiSim(token=TOKEN, resume_seconds=1)
+    node = SimOllama(["llama3.2"])
+    keys = KeyStore.open(gpuctl_home / "state")
+    _, secret = keys.create("alice")
+    keys.close()
+    with ServerThread(sim) as cloud_url, ServerThread(node) as node_url:
+        machine = sim.add("gpu-a", ip="127.0.0.1")
+        env = {
+            "GPUCTL_CLOUD_API__BASE_URL": f"{cloud_url}/v1",
+            "GPUCTL_CLOUD_API__MACHINE_NAME_FILTER": "gpu",
+            "GPUCTL_GPU__OLLAMA_URL": f"http://{{ip}}:{node_url.rsplit(':', 1)[1]}",
+            "GPUCTL_API_TOKEN": TOKEN,
+            "GPUCTL_TIMING__POLL_INTERVAL_SECONDS": "0.2",
+        }
+        headers = {"Authorization": f"Bearer {secret}"}
+        sim.hold_actions()
+        with gpuctl_process("serve", "--port", "0", env=env) as proc:
+            assert proc.stderr is not None
+            match = re.search(r"http://([\d.]+:\d+)", proc.stderr.readline())
+            assert match
+            async with httpx.AsyncClient(base_url=f"http://{match.group(1)}", timeout=20,
+                                         headers=headers) as c:
+                held = asyncio.ensure_future(c.post("/api/chat", json={"model": "llama3.2"}))
+                deadline = time.monotonic() + 10
+                while sim.held_actions < 1:
+                    assert time.monotonic() < deadline, "the resume POST never came"
+                    await asyncio.sleep(0.02)
+                proc.kill()
+                assert proc.wait(10) == -9
+                with contextlib.suppress(httpx.HTTPError):  # the gateway died under it
+                    await held
+        sim.release_actions(drop=True)
+        assert sim.resume_posts[machine.id] == 0  # the cloud never got it...
+        store = Store.open(gpuctl_home / "state", reader=True)
+        try:
+            assert list(store.pending_actions()) == [machine.id]  # ...but it was recorded
+        finally:
+            store.close()
+
+        with gpuctl_process("serve", "--port", "0", env=env) as proc:
+            assert proc.stderr is not None
+            match = re.search(r"http://([\d.]+:\d+)", proc.stderr.readline())
+            assert match
+            started = time.monotonic()
+            async with httpx.AsyncClient(base_url=f"http://{match.group(1)}", timeout=20,
+                                         headers=headers) as c:
+                served = await c.post("/api/chat", json={"model": "llama3.2", "stream": False})
+            assert served.status_code == 200, served.text
+            assert time.monotonic() - started < 10  # not the 60 s bridge, not 600 s
+            assert sim.resume_posts[machine.id] == 1
