@@ -52,7 +52,6 @@ NODE_POLL_SECONDS = 2.0
 DEAD_NODE_SECONDS = 10.0
 #: The cloud may show the old status for a while after accepting an action (up to ~60 s).
 BRIDGE_SECONDS = 60.0
-_IN_PROGRESS = ("pending", "initialized")
 
 
 class FleetHooks(Protocol):
@@ -173,9 +172,7 @@ class Actions:
                 if not flight.accepted.done():
                     flight.accepted.set_result(None)
                 return resumed
-            if status == "resuming" or (
-                ws.last_action == "resume" and ws.last_action_status in _IN_PROGRESS
-            ):
+            if ws.shows("resume"):
                 progressed = True
             if status == "paused":
                 failed = ws.last_action == "resume" and ws.last_action_status == "failed"
