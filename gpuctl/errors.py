@@ -189,9 +189,10 @@ DEFAULT_RETRY_AFTER = 30.0
 
 
 def retry_after(exc: GpuctlError) -> float | None:
-    """Seconds a gateway client is told to wait before trying again: every 503 says when
-    (``Unavailable``, ``WakeFailed`` carry their own estimate), other errors say nothing."""
-    if exc.http_status != 503:
-        return None
+    """Seconds a gateway client is told to wait before trying again: an error that knows
+    (``Unavailable`` and its 429 ``BudgetExceeded``, ``WakeFailed``) says so, and every
+    503 says something; other errors say nothing."""
     value = getattr(exc, "retry_after", None)
-    return float(value) if isinstance(value, (int, float)) else DEFAULT_RETRY_AFTER
+    if isinstance(value, (int, float)):
+        return float(value)
+    return DEFAULT_RETRY_AFTER if exc.http_status == 503 else None
