@@ -429,11 +429,8 @@ class _Call:
         await self._end()
 
     async def _fail(self, status: int, message: str, *, retry_after: float | None = None) -> int:
-        if self.started:  # the 200 went out while waiting: end the stream the route's way
-            if self.route.openai:
-                await self._send_error_event(message)
-            else:
-                await self._end_broken(b"", message)
+        if self.started:  # the 200 went out while waiting: the notifier ends it its way
+            await self._send_error_event(message)
             return status
         self.finished = True
         await reply_error(self.send, status, message, openai=self.route.openai,
