@@ -11,8 +11,9 @@ import pytest
 
 from gpuctl.engine import GpuState
 from gpuctl.engine.actions import DEAD_NODE_SECONDS
+from gpuctl.sim.waiting import eventually
 
-from .world import GpuSpec, WorldFactory, eventually
+from .world import GpuSpec, WorldFactory
 
 LLAMA = ["llama3.2:latest"]
 

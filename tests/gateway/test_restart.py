@@ -24,10 +24,11 @@ from gpuctl.gateway.drain import drain
 from gpuctl.sim.ollama import SimOllama
 from gpuctl.sim.servers import ServerThread
 from gpuctl.sim.surf_api import SurfApiSim
+from gpuctl.sim.waiting import eventually
 from gpuctl.store import Store
 from gpuctl.store.keys import KeyStore
 
-from .world import GpuSpec, WorldFactory, eventually
+from .world import GpuSpec, WorldFactory
 
 if TYPE_CHECKING:
     from conftest import GpuctlProcess  # tests/conftest.py: the gpuctl_process fixture
