@@ -123,35 +123,19 @@ class FakeClock:
                 return
 
 
-class VirtualClock:
+class VirtualClock(FakeClock):
     """Discrete-event time: ``run_until`` moves to each deadline once the loop is quiet.
 
     "Quiet" means the event loop's ready queue holds nothing but the driver itself: every
     task woken at this instant has run until it waits on something. That is read from the
     loop's ready queue (``_ready``, a private attribute every CPython loop since 3.4 has);
     a loop without one gets ``FakeClock``'s fixed rounds instead. Only for code that does no
-    real I/O: a socket's readiness is never waited for.
+    real I/O: a socket's readiness is never waited for. It is a ``FakeClock`` (same time,
+    same sleepers) that drives itself instead of being advanced by a test.
     """
 
     def __init__(self, start: float = 0.0, wall_start: float = 1_800_000_000.0) -> None:
-        self._now = start
-        self._wall_offset = wall_start - start
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
-
-    def now(self) -> float:
-        return self._now
-
-    def wall(self) -> float:
-        return self._now + self._wall_offset
-
-    async def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            await asyncio.sleep(0)
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), fut))
-        await fut
+        super().__init__(start, wall_start)  # FakeClock's time and sleepers; a still clock
 
     async def quiet(self) -> None:
         """Return once every task runnable at this instant has run."""

@@ -5,8 +5,8 @@ faces print (the CLI on the local state dir, the gateway for ``--url``). Its JSO
 promise (``UsageReport``). The figures for a window:
 
 - ``billed_gpu_seconds``: the seconds GPUs were not paused (see ``attribution``);
-- ``always_on_gpu_seconds``: what the fleet would have billed never pausing: the GPUs known
-  to the ledger in the window × its length;
+- ``always_on_gpu_seconds``: what the fleet would have billed never pausing: each GPU the
+  ledger knew in the window, from when it was first seen (or the window's start) to its end;
 - ``savings``: 1 − billed / always-on;
 - ``unattributed``: reason → seconds; ``rows``: GPU-seconds by kind, requests, tokens, waits
   and credits per user, GPU, model, day or hour (UTC).
@@ -137,17 +137,23 @@ def _row_key(row: RequestRow, by: By, names: Mapping[str, str]) -> str:
     return _hour_key(row.at - row.at % HOUR, by)
 
 
-def _managed(events: list[TimelineEvent], since: float) -> int:
-    """GPUs the ledger knew in the window: seen before its end and not gone before it."""
-    last: dict[str, TimelineEvent] = {}
-    seen_in: set[str] = set()
-    for e in events:
-        if e.at < since:
-            last[e.gpu_id] = e
+def _managed(events: list[TimelineEvent], since: float, until: float) -> float:
+    """GPU-seconds the ledger managed in ``[since, until)``: each GPU from when it was first
+    seen (or the window's start) until it left (or the window's end). A fleet gpuctl began
+    to manage an hour ago is compared with an hour of always-on, not with the whole window."""
+    up_since: dict[str, float] = {}
+    total = 0.0
+    for e in events:  # in time order
+        if e.at >= until:
+            break
+        at = max(e.at, since)
+        if e.status == "gone":
+            started = up_since.pop(e.gpu_id, None)
+            if started is not None:
+                total += at - started
         else:
-            seen_in.add(e.gpu_id)
-    present = {g for g, e in last.items() if e.status != "gone"}
-    return len(present | seen_in)
+            up_since.setdefault(e.gpu_id, at)
+    return total + sum(until - started for started in up_since.values())
 
 
 def _rate(cost: CostConfig, flavour: str) -> float:
@@ -163,7 +169,7 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 def build_report(
-    attribution: Attribution, requests: list[RequestRow], managed: int, *, by: By,
+    attribution: Attribution, requests: list[RequestRow], managed: float, *, by: By,
     cost: CostConfig, user: str | None = None, names: Mapping[str, str] | None = None,
     rollups: Sequence[DailyRollup] = (), since: float | None = None,
 ) -> UsageReport:
@@ -226,7 +232,7 @@ def build_report(
         out.sort(key=lambda r: r.key)
     else:
         out.sort(key=lambda r: (-r.gpu_seconds.total, r.key))
-    always_on = managed * (until - since)
+    always_on = managed
     return UsageReport(
         since=_iso(since), until=_iso(until), by=by,
         billed_gpu_seconds=round(billed, 3),
@@ -267,11 +273,11 @@ def _add_rollups(rows: dict[str, UsageRow], lost: dict[str, float],
 
 def window_attribution(store: Store, since: float, until: float, *,
                        horizon: float = HORIZON,
-                       ) -> tuple[Attribution, list[RequestRow], int]:
+                       ) -> tuple[Attribution, list[RequestRow], float]:
     """Attribute ``[since, until)`` from ``store``'s ledger (rows not yet flushed included)."""
     events = store.ledger.timeline(until, since - LOOKBACK)
     requests = store.requests(since - horizon, until)
-    return attribute(events, requests, since, until), requests, _managed(events, since)
+    return attribute(events, requests, since, until), requests, _managed(events, since, until)
 
 
 def usage_report(
@@ -292,7 +298,7 @@ def usage_report(
         start = min(until, _midnight_after(last))
     attribution, requests, managed = window_attribution(store, start, until)
     if start > since:
-        managed = _managed(store.ledger.timeline(until, since - LOOKBACK), since)
+        managed = _managed(store.ledger.timeline(until, since - LOOKBACK), since, until)
     return build_report(attribution, requests, managed, by=by, cost=cost,
                         user=user, names=names, rollups=rollups, since=since)
 

@@ -38,9 +38,10 @@ async def test_usage_demo_shows_each_users_share_and_adds_up(start_demo: DemoFac
         assert attributed > 0
         assert attributed + unattributed == pytest.approx(
             report["billed_gpu_seconds"], abs=0.01)
-        # Three GPUs for an hour, of which two ran for seconds: nearly all of it saved.
-        assert report["always_on_gpu_seconds"] == pytest.approx(3 * 3600, abs=1)
-        assert 0.9 < report["savings"] < 1.0
+        # Always-on counts the three GPUs from the demo's start, not the whole hour asked
+        # for: a fleet managed for a minute is not credited with an hour of savings.
+        assert report["billed_gpu_seconds"] < report["always_on_gpu_seconds"] < 3 * 600
+        assert 0.0 < report["savings"] < 1.0
         table = await gpuctl_beside("usage", "--demo", "--since", "1h")
         assert table.exit_code == 0
         for text in ("bob", "billed", "saved", "SERVING", "WAKING", "HELD"):
