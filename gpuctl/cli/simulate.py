@@ -1,7 +1,9 @@
 """``gpuctl simulate``: what other settings would have cost, and made people wait.
 
-Parses the flags, picks the workload and the fleet, hands them to ``sim.study.run_study``
-(which replays through the real engine) and renders the verdict. No policy here.
+Parses the flags, picks the workload and the fleet (a trace, the sample week, or the request
+log of the local state dir or, with ``--url``, of a running gateway through its admin-only
+``GET /admin/requests``), hands them to ``sim.study.run_study`` (which replays through the
+real engine) and renders the verdict. No policy here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from gpuctl.errors import UsageError
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from gpuctl.engine.requestlog import FleetGpu, RequestLog
     from gpuctl.sim.replay import FleetSpec
     from gpuctl.sim.study import StudyResult
     from gpuctl.sim.workload import Request
@@ -32,6 +35,7 @@ class _Workload(NamedTuple):
     notes: list[str]
     start_wall: float | None = None  # None: the replay's Monday
     window_s: float | None = None
+    fleet: list[FleetGpu] | None = None  # a gateway's learnt fleet (--url)
 
 
 def simulate(
@@ -62,6 +66,13 @@ def simulate(
     pause_s: Annotated[float | None, typer.Option(
         "--pause-s", min=1, max=3600, help="What if a pause took S seconds.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    url: Annotated[str | None, typer.Option(
+        "--url", metavar="U", envvar="GPUCTL_GATEWAY_URL", show_envvar=True,
+        help="Read the request log and fleet of a running gateway instead of the local "
+             "state dir.", show_default=False)] = None,
+    key: Annotated[str | None, typer.Option(
+        "--key", metavar="K", envvar="GPUCTL_GATEWAY_KEY", show_envvar=True,
+        help="An admin key of the gateway for --url.", show_default=False)] = None,
 ) -> None:
     """Replay a workload under other settings: GPU-hours, waits, the best trade-off."""
     from gpuctl.sim.study import parse_sets, run_study, settings_grid
@@ -70,10 +81,18 @@ def simulate(
     config = app.config
     policies = [p.strip() for p in (policy or "").split(",") if p.strip()]
     grid = settings_grid(parse_sets(sets or []), policies)
-    work = _workload(app, since, trace, sample, shape, seed)
+    remote = None
+    if url and trace is None and not sample:
+        if not key:
+            from gpuctl.errors import CredentialsError
+
+            raise CredentialsError("--url needs a gateway key",
+                                   hint="Pass --key or set GPUCTL_GATEWAY_KEY (an admin key).")
+        remote = (url, key)
+    work = _workload(app, since, trace, sample, shape, seed, remote)
     requests, history, source, notes = work.requests, work.history, work.source, work.notes
     fleet, fleet_note = _fleet(app, requests, sample=sample, gpus=gpus, resume_s=resume_s,
-                               pause_s=pause_s)
+                               pause_s=pause_s, learnt=work.fleet)
     notes.append(fleet_note)
     timing: dict[str, float] = {}
     if work.start_wall is not None:
@@ -96,7 +115,8 @@ def simulate(
 
 
 def _workload(
-    app: AppContext, since: str | None, trace: Path | None, sample: bool, shape: str, seed: int
+    app: AppContext, since: str | None, trace: Path | None, sample: bool, shape: str, seed: int,
+    remote: tuple[str, str] | None = None,
 ) -> _Workload:
     from gpuctl.sim.workload import WEEK, Request, read_trace, synthetic_week
 
@@ -117,6 +137,8 @@ def _workload(
         note = (f"Sample week '{shape}' (seed {seed}); the adaptive policy learnt from the two "
                 "weeks before it (other draws of the same shape).")
         return _Workload(requests, history, f"sample {shape} week, seed {seed}", [note])
+    if remote is not None:
+        return _gateway_log(*remote, since or "7d")
     return _request_log(app, since or "7d")
 
 
@@ -149,15 +171,71 @@ def _request_log(app: AppContext, since: str) -> _Workload:
                      max(now - start, requests[-1].arrival_s + requests[-1].service_s))
 
 
+def _gateway_log(url: str, key: str, since: str) -> _Workload:
+    """A running gateway's request log (``GET /admin/requests``) from ``since`` to its now,
+    the two weeks before as history, and the fleet it learnt."""
+    import time
+    from datetime import datetime, timezone
+
+    import httpx
+
+    from gpuctl.cli.remote import gateway_get
+    from gpuctl.engine.requestlog import RequestLog
+    from gpuctl.engine.usage import parse_when
+    from gpuctl.sim.workload import WEEK
+
+    parse_when(since, time.time())  # a bad --since is a usage error before any network
+    timeout = httpx.Timeout(300.0, connect=3.0)  # a capped week takes seconds to read
+    url = url.rstrip("/")
+
+    def read(params: dict[str, str]) -> RequestLog:
+        return RequestLog.model_validate(
+            gateway_get(url, key, "/admin/requests", params, timeout=timeout))
+
+    def iso(epoch: float) -> str:
+        return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat()
+
+    log = read({"since": since})
+    start, now = log.since, log.until
+    before = read({"since": iso(max(0.0, start - 2 * WEEK)), "until": iso(start)})
+    requests = _from_rows(log, start)
+    if not requests:
+        raise UsageError(f"the gateway at {url} has no served requests since {since}",
+                         hint="Try an earlier --since, or --sample or --trace FILE.")
+    history = _from_rows(before, start)
+    notes = [f"The request log of the gateway at {url}, the {now - start:,.0f} s to "
+             f"{'its first request left out' if log.truncated else 'now'}; the adaptive "
+             f"policy learnt from the {len(history):,} requests of the two weeks before."]
+    for part, cut in (("window", log), ("history", before)):
+        if cut.truncated:
+            notes.append(f"The gateway sent only the first {cut.limit:,} requests of the "
+                         f"{part} (its cap); the replay covers what they span.")
+    return _Workload(requests, history, f"request log of {url} since {since}", notes, start,
+                     max(now - start, requests[-1].arrival_s + requests[-1].service_s),
+                     log.fleet)
+
+
+def _from_rows(log: RequestLog, start: float) -> list[Request]:
+    from gpuctl.sim.workload import Request
+
+    return sorted(Request(at - start, user, model, service_s, tokens_out)
+                  for at, user, model, service_s, tokens_out in log.rows)
+
+
 def _fleet(
     app: AppContext, requests: list[Request], *, sample: bool, gpus: int | None,
-    resume_s: float | None, pause_s: float | None,
+    resume_s: float | None, pause_s: float | None, learnt: list[FleetGpu] | None = None,
 ) -> tuple[FleetSpec, str]:
     from gpuctl.sim.replay import FleetSpec
-    from gpuctl.sim.study import fleet_from_store
+    from gpuctl.sim.study import fleet_from_learnt, fleet_from_store
 
     models = sorted({r.model for r in requests})
-    if gpus is None and not sample:
+    if gpus is None and learnt is not None:
+        remote = fleet_from_learnt(learnt, resume_s=resume_s, pause_s=pause_s)
+        if remote is not None:
+            return remote, (f"Fleet: the {len(remote.gpus)} GPU(s) the gateway knows, with "
+                            "their models and learnt resume times.")
+    elif gpus is None and not sample:
         store = app.open_store()
         try:
             known = fleet_from_store(store, resume_s=resume_s, pause_s=pause_s)

@@ -27,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from gpuctl.cloud.base import CloudProvider, Workspace
 from gpuctl.config import Config
@@ -58,6 +58,7 @@ from gpuctl.engine.meter import CostMeter, CostTotals
 from gpuctl.engine.overview import FleetOverview, overview
 from gpuctl.engine.pausepolicy import PausePolicy
 from gpuctl.engine.progress import Announcer
+from gpuctl.engine.requestlog import MAX_ROWS, RequestLog, request_log
 from gpuctl.engine.retention import retire_old_rows
 from gpuctl.engine.roster import Roster
 from gpuctl.engine.router import Choice, RouteIndex
@@ -71,6 +72,7 @@ from gpuctl.store.store import UsageTotals
 __all__ = ["RESTARTING", "RESTART_SECONDS", "Engine", "NodeFactory"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: How often the background loop rolls up request rows past ``ledger.keep_days``.
 RETENTION_EVERY_SECONDS = 3600.0
@@ -734,31 +736,45 @@ class Engine:
         """The usage report of ``[since, until)`` (``gpuctl usage`` syntax); ``user`` limits
         the rows to that user's (a user key), the fleet totals stay whole.
 
-        A month of a busy fleet takes seconds to attribute, so it runs in a thread on its own
-        connection (after a flush, so it sees every row), one report at a time: the gateway
-        goes on serving meanwhile. A throw-away in-memory store is read in place.
+        A month of a busy fleet takes seconds to attribute, so it runs off the event loop
+        (see ``_read_store``): the gateway goes on serving meanwhile.
         """
-        now = self.clock.wall()
-        start = parse_when(since, now)
-        end = parse_when(until, now) if until else now
+        start, end = self._window(since, until)
         names = {g.id: g.name for g in self._gpus.values()}
         cost = self.config.cost
+        return await self._read_store(lambda store: usage_report(
+            store, since=start, until=end, by=by, cost=cost, user=user, names=names))
+
+    async def request_log(self, *, since: str = "7d", until: str | None = None,
+                          limit: int = MAX_ROWS) -> RequestLog:
+        """The served requests of ``[since, until)`` (``gpuctl usage`` syntax), at most
+        ``limit``, and the learnt fleet: what ``gpuctl simulate --url`` replays. Read off the
+        event loop, as ``usage`` is."""
+        start, end = self._window(since, until)
+        return await self._read_store(
+            lambda store: request_log(store, since=start, until=end, limit=limit))
+
+    def _window(self, since: str, until: str | None) -> tuple[float, float]:
+        now = self.clock.wall()
+        return parse_when(since, now), parse_when(until, now) if until else now
+
+    async def _read_store(self, read: Callable[[Store], _T]) -> _T:
+        """``read(store)`` in a thread on its own connection (after a flush, so it sees every
+        row), one such read at a time. A throw-away in-memory store is read in place."""
         if str(self.store.path) == ":memory:":
-            return usage_report(self.store, since=start, until=end, by=by, cost=cost,
-                                user=user, names=names)
+            return read(self.store)
         self.store.flush()
         state = self.store.path.parent
 
-        def report() -> UsageReport:
+        def run() -> _T:
             store = Store.open(state)
             try:
-                return usage_report(store, since=start, until=end, by=by, cost=cost,
-                                    user=user, names=names)
+                return read(store)
             finally:
                 store.close()
 
         async with self._reporting:
-            return await asyncio.to_thread(report)
+            return await asyncio.to_thread(run)
 
     def metrics(self) -> EngineMetrics:
         return EngineMetrics(

@@ -1,10 +1,11 @@
 """The admin API of the service gpuctl replaces, same shapes, plus ``/metrics``.
 
 ``/health`` needs no key; ``/gpu/discover`` and ``/gpu/{id}/status`` need any key;
-``/gpu/{id}/resume``, ``/gpu/{id}/pause`` and ``/gpu/discover?refresh=1`` need an admin key
-(the app checks roles); ``/admin/usage`` needs any key and shows a user key only its own
-rows. ``/gpu/discover`` answers from the engine's fleet view, which the engine's loop keeps
-fresh (every page of the cloud each poll): a key holder asking in a loop costs the cloud API
+``/gpu/{id}/resume``, ``/gpu/{id}/pause``, ``/gpu/discover?refresh=1`` and
+``/admin/requests`` (the request log, for ``gpuctl simulate --url``) need an admin key (the
+app checks roles); ``/admin/usage`` needs any key and shows a user key only its own rows.
+``/gpu/discover`` answers from the engine's fleet view, which the engine's loop keeps fresh
+(every page of the cloud each poll): a key holder asking in a loop costs the cloud API
 nothing; an admin may ask for a fresh read with ``?refresh=1``.
 Resume and pause are the very ``Engine.wake`` / ``Engine.pause`` calls of ``gpuctl resume``
 and ``gpuctl pause``; an action the state does not allow comes back as a 4xx with a reason.
@@ -18,6 +19,7 @@ from typing import Any
 from quart import Blueprint, Response, request
 
 from gpuctl.engine.api import ActionResult, GpuView
+from gpuctl.engine.requestlog import MAX_ROWS
 from gpuctl.errors import CloudError
 from gpuctl.gateway.metrics import CONTENT_TYPE
 from gpuctl.gateway.routes import gateway, json_response
@@ -137,6 +139,18 @@ async def usage() -> Response:
         by=request.args.get("by") or "user", user=None if key.is_admin else key.name,
     )
     return json_response(report.model_dump(mode="json"))
+
+
+@blueprint.route("/admin/requests", methods=["GET"])
+async def requests() -> Response:
+    """The served requests of ``[since, until)`` and the learnt fleet (``gpuctl simulate
+    --url``), at most ``limit`` rows (200,000 at most; ``truncated`` says when cut). Admin
+    keys only (the app checks): it names every user."""
+    log = await gateway().engine.request_log(
+        since=request.args.get("since") or "7d", until=request.args.get("until") or None,
+        limit=request.args.get("limit", type=int) or MAX_ROWS,
+    )
+    return json_response(log.model_dump(mode="json"))
 
 
 @blueprint.route("/metrics", methods=["GET"])

@@ -46,12 +46,14 @@ PUBLIC = frozenset({"/", "/health"})
 #: Path prefixes that change nodes or the fleet: admin keys only.
 ADMIN_PREFIXES = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
                   "/api/blobs/")
+#: Whole paths for admin keys only: the request log names every user.
+ADMIN_PATHS = frozenset({"/admin/requests"})
 KEY_FLUSH_SECONDS = 30.0
 
 
 def _needs_admin(path: str, args: Mapping[str, str]) -> bool:
     """Whether ``path`` (with its query ``args``) needs an admin key."""
-    if path.startswith(ADMIN_PREFIXES):
+    if path.startswith(ADMIN_PREFIXES) or path in ADMIN_PATHS:
         return True
     if path == "/gpu/discover":
         return admin.refresh_asked(args)  # reading the cloud afresh is an admin's call

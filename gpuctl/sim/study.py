@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from gpuctl.config import SECTIONS, Config
+from gpuctl.engine.requestlog import FleetGpu, learned_fleet
 from gpuctl.errors import ConfigError, UsageError
 from gpuctl.sim.replay import MONDAY, FleetSpec, GpuSpec, Outcome, describe, replay
 from gpuctl.sim.workload import Request
@@ -26,6 +27,7 @@ from gpuctl.store import Store
 __all__ = [
     "SettingResult",
     "StudyResult",
+    "fleet_from_learnt",
     "fleet_from_store",
     "parse_sets",
     "run_study",
@@ -127,17 +129,22 @@ def fleet_from_store(
 ) -> FleetSpec | None:
     """The real fleet as the store knows it: each GPU seen awake, its models, its mean
     learnt resume time (less a 5 s Ollama start); ``None`` when no GPU was ever seen."""
-    known = store.known_models()
+    return fleet_from_learnt(learned_fleet(store), resume_s=resume_s, pause_s=pause_s)
+
+
+def fleet_from_learnt(
+    known: Sequence[FleetGpu], *, resume_s: float | None = None, pause_s: float | None = None
+) -> FleetSpec | None:
+    """The fleet of ``known`` (the store's, or a gateway's ``/admin/requests``); ``None``
+    when it is empty."""
     if not known:
         return None
-    history = store.resume_history()
     gpus = []
-    for gpu_id, models in sorted(known.items()):
-        names = tuple(sorted(str(m.get("name") or m.get("model")) for m in models))
-        times = [s for s, ok in history.get(gpu_id, []) if ok]
+    for gpu in known:
+        times = gpu.resume_seconds
         learnt = sum(times) / len(times) - 5.0 if times else 120.0
         gpus.append(GpuSpec(
-            gpu_id, names, resume_s if resume_s is not None else max(1.0, learnt),
+            gpu.id, tuple(gpu.models), resume_s if resume_s is not None else max(1.0, learnt),
             pause_s if pause_s is not None else 60.0,
         ))
     return FleetSpec(tuple(gpus))

@@ -146,22 +146,23 @@ class LedgerStore:
         self.conn.execute("COMMIT")
         return len(pending)
 
-    def requests(self, since: float, until: float) -> list[RequestRow]:
-        """The requests that arrived in ``[since, until)``, oldest first, unflushed included.
+    def requests(self, since: float, until: float, limit: int | None = None) -> list[RequestRow]:
+        """The requests that arrived in ``[since, until)``, oldest first, unflushed included;
+        only the first ``limit`` of them when given (a bounded read).
 
         The reader for reports and for ``gpuctl simulate --since``: each row carries the
         arrival time, user, model, GPU, service seconds and tokens out (see ``RequestRow``).
         """
-        rows = [
-            RequestRow(*tuple(r))
-            for r in self.conn.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM request_log WHERE at >= ? AND at < ? "
-                "ORDER BY at", (since, until),
-            )
-        ]
+        query = (f"SELECT {', '.join(_COLUMNS)} FROM request_log WHERE at >= ? AND at < ? "
+                 "ORDER BY at")
+        args: tuple[float | int, ...] = (since, until)
+        if limit is not None:
+            query += " LIMIT ?"
+            args += (max(0, limit),)
+        rows = [RequestRow(*tuple(r)) for r in self.conn.execute(query, args)]
         rows += [r for r in self._pending if since <= r.at < until]
         rows.sort(key=lambda r: r.at)
-        return rows
+        return rows if limit is None else rows[:max(0, limit)]
 
     def serving_overlapping(self, since: float, until: float) -> list[RequestRow]:
         """Requests whose slot, wait or lease may reach into ``[since, until)``.

@@ -123,13 +123,14 @@ class Store:
         if at is not None:
             totals.last_at = at
 
-    def requests(self, since: float, until: float) -> list[RequestRow]:
-        """The requests that arrived in ``[since, until)`` (wall-clock seconds), oldest first.
+    def requests(self, since: float, until: float, limit: int | None = None) -> list[RequestRow]:
+        """The requests that arrived in ``[since, until)`` (wall-clock seconds), oldest first;
+        only the first ``limit`` when given.
 
         Typed rows with arrival time, user, model, GPU, service seconds and tokens out; see
         ``gpuctl.store.ledger.RequestRow``. Rows not yet flushed are included.
         """
-        return self.ledger.requests(since, until)
+        return self.ledger.requests(since, until, limit)
 
     def flush(self) -> None:
         """Write the usage summed and the request rows kept since the last flush."""

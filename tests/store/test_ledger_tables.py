@@ -28,6 +28,19 @@ def test_request_rows_wait_in_memory_until_flush(tmp_path: Path) -> None:
     assert rows[0] == _row(110.0, gpu_id="ws-1", service_s=1.5, tokens_out=7)
 
 
+def test_a_bounded_read_keeps_the_oldest_flushed_or_not(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    for i in range(5):
+        store.ledger.add_request(_row(100.0 + 2 * i))
+    store.flush()
+    for i in range(5):
+        store.ledger.add_request(_row(101.0 + 2 * i))  # pending, interleaved in time
+    assert [r.at for r in store.requests(0, 1e12, limit=4)] == [100.0, 101.0, 102.0, 103.0]
+    assert store.requests(0, 1e12, limit=0) == []
+    assert len(store.requests(0, 1e12)) == 10
+    store.close()
+
+
 def test_a_flood_of_rows_is_bounded_and_counted() -> None:
     store = Store.memory()
     for i in range(PENDING_MAX + 25):
