@@ -37,6 +37,7 @@ __all__ = [
     "PathsConfig",
     "ScheduleEntry",
     "ServerConfig",
+    "StoreConfig",
     "TimingConfig",
     "cache_dir",
     "config_path",
@@ -180,6 +181,23 @@ class CostConfig(_Section):
     )
 
 
+class StoreConfig(_Section):
+    url: str = Field(
+        "",
+        description="empty: the embedded SQLite store, one process; redis:// or rediss://: "
+        "every gateway pointing at it is a replica of one gateway",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        """Refuse a URL we would not use, at load time rather than at the first request."""
+        value = value.strip()
+        if value and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be empty (embedded SQLite) or a redis:// or rediss:// URL")
+        return value
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     cloud_api: CloudApiConfig = Field(default_factory=CloudApiConfig)
@@ -189,6 +207,7 @@ class Config(_Section):
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
     schedule: list[ScheduleEntry] = Field(default_factory=list)
+    store: StoreConfig = Field(default_factory=StoreConfig)
 
 
 #: The tables of the config file (``[[schedule]]``, an array of tables, is not one of them:

@@ -1,0 +1,31 @@
+"""State shared between gateway replicas through Redis (``store.url = "redis://…"``).
+
+Each module holds one kind of shared state and says in its docstring what it guarantees:
+
+- ``slots``: global slot counts per GPU, per-request entries with a TTL (never exceeded).
+- ``leader``: the leader lease with a fencing token (one writer toward the cloud).
+- ``actions``: cloud actions in flight and "wanted" wakes (fenced by the leader's token).
+- ``keys``: API keys and revocations, reaching every replica within a second.
+
+All of it uses the maintained ``redis`` package's asyncio client. Time that decides who
+holds what comes from the Redis server (``TIME`` inside the scripts), never from a
+replica's clock, so replicas with skewed clocks still agree.
+"""
+
+from gpuctl.store.shared.actions import CloudActions, SharedAction
+from gpuctl.store.shared.connect import StoreUnreachable, connect, unreachable
+from gpuctl.store.shared.keys import SharedKeys
+from gpuctl.store.shared.leader import LeaderLease
+from gpuctl.store.shared.slots import GlobalSlots, SlotHolder
+
+__all__ = [
+    "CloudActions",
+    "GlobalSlots",
+    "LeaderLease",
+    "SharedAction",
+    "SharedKeys",
+    "SlotHolder",
+    "StoreUnreachable",
+    "connect",
+    "unreachable",
+]

@@ -1,0 +1,176 @@
+"""Global slots: a GPU's slot count holds across every replica, and a dead replica's slots
+come back within one TTL.
+
+Each granted slot is one member of a sorted set per GPU (``{ns}:slots:{gpu}``), scored by
+the millisecond at which it expires (Redis server time). One Lua script drops the expired
+members, counts the rest and adds the new one only under the limit: the check and the add
+are one atomic step, so two replicas racing for the last slot cannot both win. A replica
+renews the members it holds (``SlotHolder`` heartbeat, every third of the TTL); a replica
+that dies stops renewing, and its members expire. Releasing removes the member at once.
+
+Redis runs scripts one at a time, so the limit is exact; a member that expired while its
+request still ran (its replica lost Redis longer than a TTL) is reported by ``renew`` so
+the caller can log it, but the request is let finish: cutting a stream is worse than one
+slot over for the length of one request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+
+import redis.asyncio as aioredis
+
+from gpuctl.store.shared.connect import StoreUnreachable, unreachable
+
+__all__ = ["DEFAULT_TTL_SECONDS", "GlobalSlots", "SlotHolder"]
+
+log = logging.getLogger(__name__)
+
+#: A dead replica's slots come back after this long; renewals run every third of it.
+DEFAULT_TTL_SECONDS = 15.0
+
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local used = redis.call('ZCARD', KEYS[1])
+if used >= tonumber(ARGV[1]) then return -1 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return used + 1
+"""
+
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local kept = 0
+for i = 1, #ARGV - 1 do
+    local score = redis.call('ZSCORE', KEYS[i], ARGV[i + 1])
+    if score and tonumber(score) > now then
+        redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
+        redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1]) * 2)
+        kept = kept + 1
+    end
+end
+return kept
+"""
+
+_COUNT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class GlobalSlots:
+    """Acquire, release, renew and count slots per GPU, atomically across replicas."""
+
+    def __init__(self, client: aioredis.Redis, *, namespace: str = "gpuctl",
+                 ttl_seconds: float = DEFAULT_TTL_SECONDS) -> None:
+        self._client = client
+        self._ns = namespace
+        self.ttl_ms = max(1, round(ttl_seconds * 1000))
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._count = client.register_script(_COUNT)
+
+    def _key(self, gpu_id: str) -> str:
+        return f"{self._ns}:slots:{gpu_id}"
+
+    async def try_acquire(self, gpu_id: str, member: str, limit: int) -> int | None:
+        """Take one of ``limit`` slots on ``gpu_id`` for ``member``: the count in use after,
+        or None when all are taken. ``Unavailable`` (503) when Redis does not answer."""
+        with unreachable("grant a slot"):
+            used = int(await self._acquire(keys=[self._key(gpu_id)],
+                                           args=[limit, self.ttl_ms, member]))
+        return None if used < 0 else used
+
+    async def release(self, gpu_id: str, member: str) -> None:
+        """Give the slot back; when Redis is down, the entry expires within one TTL."""
+        try:
+            await self._client.zrem(self._key(gpu_id), member)
+        except StoreUnreachable:
+            log.warning("could not release a slot on %s; it expires within %.0f s",
+                        gpu_id, self.ttl_ms / 1000)
+
+    async def renew(self, held: list[tuple[str, str]]) -> int:
+        """Push back the expiry of ``held`` (gpu_id, member) pairs; how many were still held."""
+        if not held:
+            return 0
+        keys = [self._key(gpu_id) for gpu_id, _ in held]
+        return int(await self._renew(keys=keys, args=[self.ttl_ms, *[m for _, m in held]]))
+
+    async def in_use(self, gpu_id: str) -> int:
+        """Slots in use on ``gpu_id`` across all replicas (expired entries dropped first)."""
+        with unreachable("count slots"):
+            return int(await self._count(keys=[self._key(gpu_id)], args=[]))
+
+
+class SlotHolder:
+    """One replica's slots: unique member names, and the heartbeat that keeps them alive.
+
+    Members are ``{replica}:{n}``, so a slot can be traced to the replica that holds it.
+    """
+
+    def __init__(self, slots: GlobalSlots, *, replica: str | None = None) -> None:
+        self.slots = slots
+        self.replica = replica or secrets.token_hex(4)
+        self._ids = itertools.count(1)
+        self._held: dict[str, str] = {}  # member -> gpu_id
+        self._task: asyncio.Task[None] | None = None
+        #: Entries that had expired by the time a renewal reached them (for logs and tests).
+        self.lost = 0
+
+    async def acquire(self, gpu_id: str, limit: int) -> str | None:
+        """A member holding one slot on ``gpu_id``, or None when the GPU's slots are full."""
+        member = f"{self.replica}:{next(self._ids)}"
+        if await self.slots.try_acquire(gpu_id, member, limit) is None:
+            return None
+        self._held[member] = gpu_id
+        return member
+
+    async def release(self, member: str) -> None:
+        gpu_id = self._held.pop(member, None)
+        if gpu_id is not None:
+            await self.slots.release(gpu_id, member)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def heartbeat(self) -> None:
+        """Renew every held slot once; a Redis outage is logged, and the next beat retries."""
+        held = [(gpu_id, member) for member, gpu_id in self._held.items()]
+        try:
+            kept = await self.slots.renew(held)
+        except StoreUnreachable as exc:
+            log.warning("slot renewal failed (Redis unreachable): %s", exc)
+            return
+        if kept < len(held):
+            self.lost += len(held) - kept
+            log.warning("%d slot entries had expired before renewal", len(held) - kept)
+
+    def start(self) -> None:
+        """Renew every third of the TTL until ``stop``."""
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._beat())
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.slots.ttl_ms / 3000)
+            await self.heartbeat()
+
+    async def stop(self) -> None:
+        """Stop renewing and give back whatever is still held."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for member in list(self._held):
+            await self.release(member)
