@@ -131,14 +131,18 @@ async def _serve_demo(app_ctx: AppContext, config: Config,
 async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider,
                        settings: ServerSettings) -> list[signal.Signals]:
     from gpuctl.config import state_dir
+    from gpuctl.engine.replicas import ReplicaSet
     from gpuctl.gateway.app import create_app
     from gpuctl.store.keys import KeyStore
 
     try:
         store = app_ctx.open_store()
         keys = KeyStore.open(state_dir(config, app_ctx.env))
+        replicas = ReplicaSet(config.store.url) if config.store.url else None
         try:
-            engine = app_ctx.make_engine(cloud, store)
+            engine = app_ctx.make_engine(replicas.cloud(cloud) if replicas else cloud, store)
+            if replicas is not None:  # store.url: one of several gateways sharing the fleet
+                await replicas.join(engine)
             app = create_app(config, engine, keys, node_token=app_ctx.node_token())
             sock = _bind(config.server.host, config.server.port)
             scheme = "https" if settings.tls else "http"
@@ -150,6 +154,8 @@ async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider
             finally:
                 sock.close()
         finally:
+            if replicas is not None:
+                await replicas.close()
             keys.close()
             store.close()
     finally:

@@ -58,6 +58,7 @@ from gpuctl.engine.meter import CostMeter, CostTotals
 from gpuctl.engine.overview import FleetOverview, overview
 from gpuctl.engine.pausepolicy import PausePolicy
 from gpuctl.engine.progress import Announcer
+from gpuctl.engine.replicas import SlotGate
 from gpuctl.engine.requestlog import MAX_ROWS, RequestLog, request_log
 from gpuctl.engine.retention import retire_old_rows
 from gpuctl.engine.roster import Roster
@@ -96,6 +97,7 @@ class _Grant:
     at: float
     lease_seconds: float
     request: RequestRow | None = None
+    member: str | None = None  # replicas: the global slot entry this grant holds
 
 
 class Engine:
@@ -146,6 +148,10 @@ class Engine:
         #: default half a GPU's slots): one user's stuck clients cannot take a whole GPU.
         self._held: dict[str, dict[str, int]] = {}
         self._user_cap = config.server.max_slots_per_user or max(1, config.gpu.slots // 2)
+        #: Replicas (``store.url``): the global slots every grant must also hold.
+        self._gate: SlotGate | None = None
+        #: Slots other replicas hold, per GPU, as counted at the last sync (in ``in_use``).
+        self._foreign: dict[str, int] = {}
         self._ticket_ids = itertools.count(1)
         self._loop_task: asyncio.Task[None] | None = None
         self._refresh_error: str | None = None
@@ -348,6 +354,69 @@ class Engine:
         ``request`` (from ``begin_request``) is the ledger row the engine fills: how long the
         request queued, whether it waited for a wake, where and how long it was served.
         """
+        ticket = await self._acquire(model, user, progress=progress, request=request)
+        if self._gate is None:
+            return ticket
+        return await self._admit(ticket, model, user, progress, request)
+
+    # -- replicas: global slots ---------------------------------------------------------------
+
+    def attach_gate(self, gate: SlotGate) -> None:
+        """Make this engine a replica: every slot it grants must also be free globally."""
+        self._gate = gate
+
+    async def _admit(self, ticket: Ticket, model: str, user: str,
+                     progress: ProgressCallback | None, request: RequestRow | None) -> Ticket:
+        """Hold the global slot behind a local grant, or count it as another replica's.
+
+        The local grant was made on this replica's view (its own slots plus the others' as
+        last synced). If the global entry cannot be taken, another replica got there first:
+        the slot is counted as theirs (``in_use`` stays, so nothing here grants it again)
+        and the request goes back through the queue, where the next sync's count or a
+        release frees it. The Lua script in Redis is the judge, so the limit holds.
+        """
+        assert self._gate is not None
+        while True:
+            grant = self._grants.get(ticket.id)
+            if grant is None:  # released while we asked (cannot happen without a bug)
+                raise Unavailable("the slot was lost before it was used", retry_after=1)
+            try:
+                member = await self._gate.take(grant.gpu.id, grant.gpu.slots)
+            except BaseException:
+                self.release(ticket, failed=None, unused=True)
+                raise
+            if member is not None:
+                grant.member = member
+                return ticket
+            self._grants.pop(ticket.id, None)
+            self._unhold(grant.user, grant.gpu.id)
+            self._counters["granted"] -= 1
+            self._foreign[grant.gpu.id] = self._foreign.get(grant.gpu.id, 0) + 1
+            ticket = await self._acquire(model, user, progress=progress, request=request)
+
+    def local_slots(self) -> dict[str, int]:
+        """Slots this replica's own grants hold, per GPU id."""
+        counts: dict[str, int] = {}
+        for grant in self._grants.values():
+            counts[grant.gpu.id] = counts.get(grant.gpu.id, 0) + 1
+        return counts
+
+    def set_foreign(self, gpu_id: str, count: int) -> None:
+        """Other replicas hold ``count`` slots on ``gpu_id`` (from the shared count)."""
+        gpu = self._gpus.get(gpu_id)
+        old = self._foreign.get(gpu_id, 0)
+        if gpu is None or count == old:
+            return
+        self._foreign[gpu_id] = count
+        gpu.in_use = max(0, gpu.in_use + count - old)
+        self._roster.refile(gpu)
+        if count < old:
+            self._drain(gpu)
+
+    async def _acquire(
+        self, model: str, user: str, *, progress: ProgressCallback | None = None,
+        request: RequestRow | None = None,
+    ) -> Ticket:
         if self._background.stopping:
             raise Unavailable("gpuctl is shutting down", retry_after=10)
         if self._closing is not None:
@@ -497,12 +566,26 @@ class Engine:
         return self.config.timing.fallback_reservation_minutes * 60.0
 
     def release(
-        self, ticket: Ticket, usage: Usage | None = None, *, failed: str | None = None
+        self, ticket: Ticket, usage: Usage | None = None, *, failed: str | None = None,
+        unused: bool = False,
     ) -> None:
-        """Free the slot, renew the user's lease, record usage; hand the slot on."""
+        """Free the slot, renew the user's lease, record usage; hand the slot on.
+
+        ``unused``: the grant was never served (replicas: no global slot behind it); it is
+        only handed back, with nothing recorded.
+        """
         grant = self._grants.pop(ticket.id, None)
         if grant is None:
             return  # released twice: the first release counted
+        if self._gate is not None and grant.member is not None:
+            self._gate.put_back(grant.gpu.id, grant.member)
+        if unused:
+            grant.gpu.in_use -= 1
+            self._unhold(grant.user, grant.gpu.id)
+            self._counters["granted"] -= 1
+            self._roster.refile(grant.gpu)
+            self._drain(grant.gpu)
+            return
         now = self.clock.now()
         held = now - grant.at
         request = grant.request

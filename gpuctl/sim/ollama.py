@@ -124,6 +124,8 @@ class SimOllama:
         self.last_body: bytes = b""
         self.last_headers: dict[str, str] = {}
         self.active_streams = 0
+        #: The most streams ever in flight at once (replica tests check slots with it).
+        self.peak_streams = 0
         self.held_streams = 0
         self.cancelled_streams = 0
         self.completed_streams = 0
@@ -290,6 +292,7 @@ class SimOllama:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", content_type)]})
         self.active_streams += 1
+        self.peak_streams = max(self.peak_streams, self.active_streams)
         try:
             for i in range(self.chunks):
                 if self.die_after is not None and i >= self.die_after:

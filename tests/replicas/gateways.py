@@ -1,0 +1,117 @@
+"""Two or three ``gpuctl serve`` processes sharing one Redis, over a simulated SURF API and
+simulated Ollama nodes, each a real HTTP server on loopback.
+
+Each replica has its own state dir (its own SQLite ledger, as on separate hosts); the same
+API key is imported into each. The GPUs start paused but were seen awake before (their
+models are in each store), so a request for a model wakes its GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpuctl.sim.ollama import SimOllama
+from gpuctl.sim.servers import ServerThread
+from gpuctl.sim.surf_api import SurfApiSim
+from gpuctl.store import Store
+from gpuctl.store.keys import KeyStore
+
+TOKEN = "sim-token"
+SECRET = "sk-replica-test-" + "x" * 32
+SLOTS = 2
+
+
+def until(condition: Callable[[], bool], *, timeout: float = 30.0) -> None:
+    """Wait, bounded, for real processes to get somewhere (real time, polled)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s")
+        time.sleep(0.02)
+
+
+@dataclass
+class Fleet:
+    sim: SurfApiSim
+    sim_url: str
+    nodes: dict[str, SimOllama]  # workspace id -> its node
+    models: dict[str, str]  # workspace id -> its one model
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def fleet(gpus: int, *, resume_seconds: float = 1.0, chunks: int = 5,
+          interval: float = 0.05) -> Iterator[Fleet]:
+    sim = SurfApiSim(token=TOKEN, resume_seconds=resume_seconds, pause_seconds=1.0)
+    with contextlib.ExitStack() as stack:
+        sim_url = stack.enter_context(ServerThread(sim))
+        nodes: dict[str, SimOllama] = {}
+        models: dict[str, str] = {}
+        for i in range(gpus):
+            model = f"model{i}:latest"
+            node = SimOllama([model], chunks=chunks, interval=interval)
+            url = stack.enter_context(ServerThread(node))
+            ws = sim.cloud.add(f"gpu-{i}", ip=url.removeprefix("http://"), models=[model])
+            nodes[ws.id], models[ws.id] = node, model
+        yield Fleet(sim, sim_url, nodes, models)
+
+
+def _prepare_state(state: Path, fleet: Fleet) -> None:
+    state.mkdir(parents=True, exist_ok=True)
+    keys_file = state / "api_keys.json"
+    keys_file.write_text(json.dumps({"api_keys": {SECRET: {"name": "alice"}}}))
+    keys = KeyStore.open(state)
+    keys.import_file(keys_file)
+    keys.close()
+    store = Store.open(state)
+    for gpu_id, model in fleet.models.items():
+        store.save_models(gpu_id, [{"name": model, "model": model}], 0.0)
+    store.close()
+
+
+def env(fleet: Fleet, redis_url: str, state: Path) -> dict[str, str]:
+    return {
+        "GPUCTL_CLOUD_API__BASE_URL": f"{fleet.sim_url}/v1",
+        "GPUCTL_CLOUD_API__MACHINE_NAME_FILTER": "gpu",
+        "GPUCTL_GPU__OLLAMA_URL": "http://{ip}",
+        "GPUCTL_GPU__SLOTS": str(SLOTS),
+        "GPUCTL_TIMING__POLL_INTERVAL_SECONDS": "0.5",
+        "GPUCTL_API_TOKEN": TOKEN,
+        "GPUCTL_STORE__URL": redis_url,
+        "GPUCTL_PATHS__STATE_DIR": str(state),
+    }
+
+
+def url_of(proc: subprocess.Popen[str]) -> str:
+    assert proc.stderr is not None
+    for _ in range(50):  # bounded: the banner is among the first lines
+        line = proc.stderr.readline()
+        match = re.search(r"gateway on http://([\d.]+:\d+)", line)
+        if match:
+            return f"http://{match.group(1)}"
+        if not line:
+            break
+    raise AssertionError("the gateway printed no banner")
+
+
+@contextlib.contextmanager
+def replicas(start: Callable[..., contextlib.AbstractContextManager[subprocess.Popen[str]]],
+             fleet: Fleet, redis_url: str, home: Path, count: int) -> Iterator[Fleet]:
+    """``count`` gateway processes (``gpuctl_process``), their URLs in ``fleet.urls``."""
+    with contextlib.ExitStack() as stack:
+        for i in range(count):
+            state = home / f"replica-{i}"
+            _prepare_state(state, fleet)
+            proc = stack.enter_context(
+                start("serve", "--port", "0", env=env(fleet, redis_url, state)))
+            fleet.procs.append(proc)
+            fleet.urls.append(url_of(proc))
+        yield fleet

@@ -1,0 +1,94 @@
+"""Gateway processes sharing one fleet through a real Redis: one resume per GPU, slots
+never exceeded, a leader killed mid-resume is succeeded without a second resume."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import redis
+
+from .gateways import SECRET, SLOTS, Fleet, fleet, replicas, until
+from .redis_server import RedisServer
+
+if TYPE_CHECKING:
+    from conftest import GpuctlProcess  # tests/conftest.py
+
+
+async def _chat(url: str, model: str) -> tuple[int, bytes]:
+    async with httpx.AsyncClient(base_url=url, timeout=60,
+                                 headers={"Authorization": f"Bearer {SECRET}"}) as client:
+        reply = await client.post("/api/chat", json={
+            "model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        return reply.status_code, reply.content
+
+
+async def _stampede(f: Fleet, count: int) -> list[tuple[int, bytes]]:
+    models = list(f.models.values())
+    return await asyncio.gather(*[
+        _chat(f.urls[i % len(f.urls)], models[i % len(models)]) for i in range(count)])
+
+
+def _leader(redis_url: str) -> str:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw = client.get("gpuctl:leader")
+    finally:
+        client.close()
+    return raw.decode() if raw else ""
+
+
+def test_a_cold_stampede_over_two_replicas_resumes_each_gpu_once_within_slots(
+        redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
+    with fleet(2) as f, replicas(gpuctl_process, f, redis_server.url, tmp_path, 2):
+        until(lambda: _leader(redis_server.url) != "")
+        results = asyncio.run(_stampede(f, 50))
+        assert [status for status, _ in results] == [200] * 50
+        assert all(b'"done":true' in body for _, body in results)
+        assert dict(f.sim.cloud.resume_calls) == {gpu_id: 1 for gpu_id in f.models}
+        # The nodes' own count: never more streams at once than the GPU's slots.
+        assert {g: n.peak_streams for g, n in f.nodes.items()} == {g: SLOTS for g in f.nodes}
+
+
+def test_three_replicas_never_exceed_the_slots_of_a_warm_gpu(
+        redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
+    with fleet(1, chunks=8) as f:
+        (gpu_id,) = f.models
+        f.sim.cloud.resume_now(gpu_id)
+        with replicas(gpuctl_process, f, redis_server.url, tmp_path, 3):
+            results = asyncio.run(_stampede(f, 45))
+            assert [status for status, _ in results] == [200] * 45
+            assert f.nodes[gpu_id].peak_streams == SLOTS
+
+
+def test_the_leader_killed_mid_resume_is_succeeded_without_a_second_resume(
+        redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
+    with fleet(1, resume_seconds=4.0) as f, \
+            replicas(gpuctl_process, f, redis_server.url, tmp_path, 2):
+        (gpu_id,) = f.models
+        (model,) = f.models.values()
+        until(lambda: _leader(redis_server.url) != "")
+
+        async def scenario() -> list[tuple[int, bytes]]:
+            held = [asyncio.ensure_future(_chat(url, model)) for url in f.urls for _ in range(3)]
+            await asyncio.to_thread(until, lambda: f.sim.cloud.resume_calls[gpu_id] > 0)
+            # Kill whichever replica leads: the one that sent the resume.
+            leader_pid = int(_leader(redis_server.url).split("@")[0])
+            index = [p.pid for p in f.procs].index(leader_pid)
+            f.procs[index].send_signal(signal.SIGKILL)
+            done = await asyncio.gather(*held, return_exceptions=True)
+            return [d for i, d in enumerate(done)
+                    if not isinstance(d, BaseException) and i // 3 != index]
+
+        served = asyncio.run(asyncio.wait_for(scenario(), 60))
+        assert [status for status, _ in served] == [200] * 3  # the survivor's held requests
+        assert f.sim.cloud.resume_calls[gpu_id] == 1
+        # The survivor served its requests by watching the cloud; it takes over the lead
+        # once the dead leader's lease runs out (6 s), without a second resume.
+        (survivor,) = [p for p in f.procs if p.poll() is None]
+        until(lambda: _leader(redis_server.url).startswith(f"{survivor.pid}@"), timeout=10)
+        assert f.sim.cloud.resume_calls[gpu_id] == 1
+
