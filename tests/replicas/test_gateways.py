@@ -92,3 +92,43 @@ def test_the_leader_killed_mid_resume_is_succeeded_without_a_second_resume(
         until(lambda: _leader(redis_server.url).startswith(f"{survivor.pid}@"), timeout=10)
         assert f.sim.cloud.resume_calls[gpu_id] == 1
 
+
+
+def test_redis_stopped_and_restarted_under_load(
+        redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
+    """Held slots finish; new requests get 503 + Retry-After; recovery needs no restart."""
+    with fleet(1, chunks=30, interval=0.05) as f:
+        (gpu_id,) = f.models
+        (model,) = f.models.values()
+        node = f.nodes[gpu_id]
+        f.sim.cloud.resume_now(gpu_id)
+        with replicas(gpuctl_process, f, redis_server.url, tmp_path, 2):
+
+            async def outage() -> tuple[list[tuple[int, bytes]], list[httpx.Response]]:
+                running = [asyncio.ensure_future(_chat(url, model)) for url in f.urls]
+                await asyncio.to_thread(until, lambda: node.active_streams == 2)
+                redis_server.stop()
+                refused = []
+                for url in f.urls:
+                    async with httpx.AsyncClient(
+                            base_url=url, timeout=30,
+                            headers={"Authorization": f"Bearer {SECRET}"}) as client:
+                        refused.append(await client.post("/api/chat", json={
+                            "model": model, "stream": False,
+                            "messages": [{"role": "user", "content": "hi"}]}))
+                return list(await asyncio.gather(*running)), refused
+
+            finished, refused = asyncio.run(asyncio.wait_for(outage(), 60))
+            assert [status for status, _ in finished] == [200, 200]
+            assert all(b'"done":true' in body for _, body in finished)
+            assert [r.status_code for r in refused] == [503, 503]
+            assert all(int(r.headers["Retry-After"]) > 0 for r in refused)
+            assert all("Redis" in r.json()["error"] for r in refused)
+            redis_server.start()  # same port, empty
+
+            def served_again() -> bool:
+                results = asyncio.run(_stampede(f, 4))
+                return [status for status, _ in results] == [200] * 4
+
+            until(served_again, timeout=20)
+            assert node.peak_streams <= 2

@@ -8,10 +8,11 @@ are one atomic step, so two replicas racing for the last slot cannot both win. A
 renews the members it holds (``SlotHolder`` heartbeat, every third of the TTL); a replica
 that dies stops renewing, and its members expire. Releasing removes the member at once.
 
-Redis runs scripts one at a time, so the limit is exact; a member that expired while its
-request still ran (its replica lost Redis longer than a TTL) is reported by ``renew`` so
-the caller can log it, but the request is let finish: cutting a stream is worse than one
-slot over for the length of one request.
+Redis runs scripts one at a time, so the limit is exact while Redis keeps its data. A
+member that vanished while its request still ran (its replica lost Redis for longer than a
+TTL, or Redis restarted empty) is put back by the next renewal, so the global count tells
+the truth again within a third of a TTL; the request is let finish meanwhile: cutting a
+stream is worse than a slot over for that short window.
 """
 
 from __future__ import annotations
@@ -47,16 +48,14 @@ return used + 1
 _RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local kept = 0
+local revived = 0
 for i = 1, #ARGV - 1 do
     local score = redis.call('ZSCORE', KEYS[i], ARGV[i + 1])
-    if score and tonumber(score) > now then
-        redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
-        redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1]) * 2)
-        kept = kept + 1
-    end
+    if not score or tonumber(score) <= now then revived = revived + 1 end
+    redis.call('ZADD', KEYS[i], now + tonumber(ARGV[1]), ARGV[i + 1])
+    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1]) * 2)
 end
-return kept
+return revived
 """
 
 _COUNT = """
@@ -99,7 +98,8 @@ class GlobalSlots:
                         gpu_id, self.ttl_ms / 1000)
 
     async def renew(self, held: list[tuple[str, str]]) -> int:
-        """Push back the expiry of ``held`` (gpu_id, member) pairs; how many were still held."""
+        """Push back the expiry of ``held`` (gpu_id, member) pairs, putting back any that had
+        vanished; returns how many had."""
         if not held:
             return 0
         keys = [self._key(gpu_id) for gpu_id, _ in held]
@@ -123,8 +123,8 @@ class SlotHolder:
         self._ids = itertools.count(1)
         self._held: dict[str, str] = {}  # member -> gpu_id
         self._task: asyncio.Task[None] | None = None
-        #: Entries that had expired by the time a renewal reached them (for logs and tests).
-        self.lost = 0
+        #: Entries a renewal found gone and put back (for logs and tests).
+        self.revived = 0
 
     async def acquire(self, gpu_id: str, limit: int) -> str | None:
         """A member holding one slot on ``gpu_id``, or None when the GPU's slots are full."""
@@ -147,13 +147,13 @@ class SlotHolder:
         """Renew every held slot once; a Redis outage is logged, and the next beat retries."""
         held = [(gpu_id, member) for member, gpu_id in self._held.items()]
         try:
-            kept = await self.slots.renew(held)
+            revived = await self.slots.renew(held)
         except StoreUnreachable as exc:
             log.warning("slot renewal failed (Redis unreachable): %s", exc)
             return
-        if kept < len(held):
-            self.lost += len(held) - kept
-            log.warning("%d slot entries had expired before renewal", len(held) - kept)
+        if revived:
+            self.revived += revived
+            log.warning("%d slot entries had vanished from Redis; put back", revived)
 
     def start(self) -> None:
         """Renew every third of the TTL until ``stop``."""
