@@ -50,8 +50,25 @@ def _key_store(app_ctx: AppContext) -> Iterator[KeyStore]:
     keys = KeyStore.open(state_dir(app_ctx.config, app_ctx.env))
     try:
         yield keys
+        if app_ctx.config.store.url:  # replicas: every gateway hears of it within a second
+            _publish(app_ctx.config.store.url, keys)
     finally:
         keys.close()
+
+
+def _publish(url: str, keys: KeyStore) -> None:
+    import asyncio
+
+    from gpuctl.store.shared import SharedKeys, connect
+
+    async def publish() -> None:
+        client = connect(url)
+        try:
+            await SharedKeys(client).publish(keys.hashed())
+        finally:
+            await client.aclose()
+
+    asyncio.run(publish())
 
 
 def _when(epoch: float | None) -> str:

@@ -134,12 +134,15 @@ async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider
     from gpuctl.engine.replicas import ReplicaSet
     from gpuctl.gateway.app import create_app
     from gpuctl.store.keys import KeyStore
+    from gpuctl.store.shared import ReplicaKeys
 
     try:
         store = app_ctx.open_store()
-        keys = KeyStore.open(state_dir(config, app_ctx.env))
         replicas = ReplicaSet(config.store.url) if config.store.url else None
+        keys = (ReplicaKeys if replicas else KeyStore).open(state_dir(config, app_ctx.env))
         try:
+            if replicas is not None and isinstance(keys, ReplicaKeys):
+                await replicas.share_keys(keys)
             engine = app_ctx.make_engine(replicas.cloud(cloud) if replicas else cloud, store)
             if replicas is not None:  # store.url: one of several gateways sharing the fleet
                 await replicas.join(engine)

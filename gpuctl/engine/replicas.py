@@ -16,6 +16,9 @@ With ``store.url = "redis://…"`` each gateway's engine runs as before, plus th
 - **The leader's duties** (``Replica._run``): renew the lease, act on wanted wakes within a
   second, close claims the cloud has finished, and idle-pause only while leading.
 
+Keys: each replica publishes its key table at start and authenticates against the shared
+directory (``store.shared.keys``); ``gpuctl keys`` publishes after each change.
+
 What is not shared yet: leases, the ledger and history stay per replica (each in its own
 store); see the README's "Two or more gateways".
 """
@@ -34,7 +37,14 @@ from typing import TYPE_CHECKING, Protocol
 from gpuctl.cloud.base import CloudProvider, Workspace
 from gpuctl.engine.api import GpuState
 from gpuctl.errors import ActionRefused, CloudUnavailable, GpuctlError, Unavailable
-from gpuctl.store.shared import CloudActions, LeaderLease, SlotHolder, StoreUnreachable
+from gpuctl.store.shared import (
+    CloudActions,
+    LeaderLease,
+    ReplicaKeys,
+    SharedKeys,
+    SlotHolder,
+    StoreUnreachable,
+)
 
 if TYPE_CHECKING:
     from gpuctl.engine.engine import Engine
@@ -269,10 +279,19 @@ class ReplicaSet:
         self.holder = SlotHolder(GlobalSlots(self.client), replica=replica)
         self.lease = LeaderLease(self.client, self.holder.replica)
         self.actions = CloudActions(self.client)
+        self.keys = SharedKeys(self.client)
         self.replica: Replica | None = None
 
     def cloud(self, inner: CloudProvider) -> FencedCloud:
         return FencedCloud(inner, self.lease, self.actions)
+
+    async def share_keys(self, local: ReplicaKeys) -> None:
+        """Publish this host's key table, load the shared one, and keep it in sync: the
+        gateway then authenticates against every replica's keys and revocations."""
+        await self.keys.publish(local.hashed())
+        await self.keys.sync()
+        local.attach(self.keys)
+        self.keys.start()
 
     async def join(self, engine: Engine) -> Replica:
         self.replica = Replica(engine, SharedSlotGate(self.holder), self.lease, self.actions,
@@ -281,6 +300,7 @@ class ReplicaSet:
         return self.replica
 
     async def close(self) -> None:
+        await self.keys.stop()
         if self.replica is not None:
             await self.replica.stop()
         await self.client.aclose()

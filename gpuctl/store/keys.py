@@ -138,6 +138,11 @@ class KeyStore:
         keys = [_row_to_key(row) for row in rows]
         return keys if include_revoked else [k for k in keys if k.active]
 
+    def hashed(self) -> list[tuple[ApiKey, str]]:
+        """Every key with its stored hash (to publish to replicas; never the secret)."""
+        rows = self._conn.execute("SELECT * FROM api_keys ORDER BY created, id").fetchall()
+        return [(_row_to_key(row), row["key_hash"]) for row in rows]
+
     def get(self, key_id: str) -> ApiKey:
         row = self._conn.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         if row is None:

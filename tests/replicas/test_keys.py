@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from gpuctl.errors import NotFoundError
+from gpuctl.store.keys import KeyStore
 from gpuctl.store.shared import SharedKeys, connect
 from gpuctl.store.shared.keys import SYNC_SECONDS
 
@@ -62,3 +64,22 @@ async def test_revoking_twice_keeps_the_first_time(redis_client: aioredis.Redis)
     first = await keys.revoke(key.id)
     second = await keys.revoke(key.id)
     assert first.revoked is not None and second.revoked == first.revoked
+
+
+async def test_publishing_a_host_table_never_undoes_a_revocation(
+        redis_client: aioredis.Redis, gpuctl_home: Path) -> None:
+    local = KeyStore.open(gpuctl_home / "state")
+    try:
+        key, secret = local.create("dave")
+        shared, other = SharedKeys(redis_client), SharedKeys(redis_client)
+        assert await shared.publish(local.hashed()) == 1
+        assert await shared.publish(local.hashed()) == 0  # unchanged: no reload anywhere
+        await other.sync()
+        assert other.authenticate(secret) is not None
+        await other.revoke(key.id)
+        # Another host whose table still has the key active publishes it again.
+        await shared.publish(local.hashed())
+        await other.sync()
+        assert other.authenticate(secret) is None
+    finally:
+        local.close()

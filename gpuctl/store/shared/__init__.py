@@ -14,7 +14,7 @@ replica's clock, so replicas with skewed clocks still agree.
 
 from gpuctl.store.shared.actions import CloudActions, SharedAction
 from gpuctl.store.shared.connect import StoreUnreachable, connect, unreachable
-from gpuctl.store.shared.keys import SharedKeys
+from gpuctl.store.shared.keys import ReplicaKeys, SharedKeys
 from gpuctl.store.shared.leader import LeaderLease
 from gpuctl.store.shared.slots import GlobalSlots, SlotHolder
 
@@ -22,6 +22,7 @@ __all__ = [
     "CloudActions",
     "GlobalSlots",
     "LeaderLease",
+    "ReplicaKeys",
     "SharedAction",
     "SharedKeys",
     "SlotHolder",

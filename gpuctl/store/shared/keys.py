@@ -22,10 +22,10 @@ import time
 import redis.asyncio as aioredis
 
 from gpuctl.errors import NotFoundError
-from gpuctl.store.keys import KEY_PREFIX, ApiKey, hash_key
+from gpuctl.store.keys import KEY_PREFIX, ApiKey, KeyStore, hash_key
 from gpuctl.store.shared.connect import StoreUnreachable, text, unreachable
 
-__all__ = ["SYNC_SECONDS", "SharedKeys"]
+__all__ = ["SYNC_SECONDS", "ReplicaKeys", "SharedKeys"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,30 @@ return record
 """
 
 
+_PUBLISH = """
+local changed = 0
+for i = 1, #ARGV, 3 do
+    local hash, record, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    local old = redis.call('HGET', KEYS[1], hash)
+    local keep = false
+    if old then
+        local was = cjson.decode(old)
+        local now = cjson.decode(record)
+        if old == record or (was['revoked'] ~= cjson.null and now['revoked'] == cjson.null) then
+            keep = true
+        end
+    end
+    if not keep then
+        redis.call('HSET', KEYS[1], hash, record)
+        redis.call('HSET', KEYS[3], id, hash)
+        changed = changed + 1
+    end
+end
+if changed > 0 then redis.call('INCR', KEYS[2]) end
+return changed
+"""
+
+
 class SharedKeys:
     """The replicas' key directory in Redis, with an in-memory copy for the hot path."""
 
@@ -57,6 +81,7 @@ class SharedKeys:
         self.version_key = f"{namespace}:keys:version"
         self.ids_key = f"{namespace}:keys:ids"  # key id -> hash, for revoke by id
         self._revoke = client.register_script(_REVOKE)
+        self._publish = client.register_script(_PUBLISH)
         self._version: str | None = None
         self._by_hash: dict[str, ApiKey] = {}
         self._hash_of: dict[str, str] = {}
@@ -72,6 +97,19 @@ class SharedKeys:
                 pipe.hset(self.ids_key, key.id, key_hash)
                 pipe.incr(self.version_key)
                 await pipe.execute()
+
+    async def publish(self, keys: list[tuple[ApiKey, str]]) -> int:
+        """Merge a local key table (records and hashes) into the shared one; how many
+        changed. A revocation is never undone: a key revoked in Redis stays revoked even
+        if a host's table still has it active."""
+        args: list[str] = []
+        for key, key_hash in keys:
+            args += [key_hash, key.model_dump_json(exclude={"last_used"}), key.id]
+        if not args:
+            return 0
+        with unreachable("publish the keys"):
+            return int(await self._publish(keys=[self.key, self.version_key, self.ids_key],
+                                           args=args))
 
     async def create(self, name: str, *, email: str = "", admin: bool = False,
                      ) -> tuple[ApiKey, str]:
@@ -136,3 +174,19 @@ class SharedKeys:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+class ReplicaKeys(KeyStore):
+    """A replica's keys: its own key table (``last_used``, ``keys list``), answering
+    ``authenticate`` from the shared directory, so a key revoked anywhere is refused here
+    within ``SYNC_SECONDS``."""
+
+    shared: SharedKeys | None = None
+
+    def attach(self, shared: SharedKeys) -> None:
+        self.shared = shared
+
+    def authenticate(self, secret: str) -> ApiKey | None:
+        if self.shared is None:
+            return super().authenticate(secret)
+        return self.shared.authenticate(secret)
