@@ -31,8 +31,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gpuctl.cloud.base import CloudProvider, Workspace
 from gpuctl.engine.api import GpuState
@@ -77,30 +77,46 @@ class SharedSlotGate:
 
     def __init__(self, holder: SlotHolder) -> None:
         self.holder = holder
+        #: Freed entries kept for a local waiter: (when, member).
         self._spare: dict[str, list[tuple[float, str]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def take(self, gpu_id: str, limit: int) -> str | None:
         spare = self._spare.get(gpu_id)
-        if spare:
-            return spare.pop()[1]
+        while spare:
+            member = spare.pop()[1]
+            if self.holder.intact(member):
+                return member
+            # Redis failed since this entry was written: it may have come back empty, and
+            # handing the entry on would count a slot nobody sees. Take a fresh one.
+            await self.holder.release(member)
         return await self.holder.acquire(gpu_id, limit)
 
     def put_back(self, gpu_id: str, member: str) -> None:
+        if not self.holder.intact(member):  # never hand on an entry Redis may have lost
+            self._later(self.holder.release(member))
+            return
         self._spare.setdefault(gpu_id, []).append((time.monotonic(), member))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def spares(self, gpu_id: str) -> int:
         return len(self._spare.get(gpu_id, ()))
 
     def return_spares(self) -> None:
-        """Give back to Redis the entries no local waiter took within ``SPARE_SECONDS``."""
+        """Give back to Redis, in one round trip, the entries no local waiter took within
+        ``SPARE_SECONDS`` (so an idle replica's releases cost one call per sync, not one
+        per request)."""
         cutoff = time.monotonic() - SPARE_SECONDS
+        due: list[str] = []
         for spare in self._spare.values():
             while spare and spare[0][0] <= cutoff:
-                member = spare.pop(0)[1]
-                task = asyncio.ensure_future(self.holder.release(member))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                due.append(spare.pop(0)[1])
+        if due:
+            self._later(self.holder.release_many(due))
 
     async def close(self) -> None:
         for spare in self._spare.values():

@@ -101,3 +101,25 @@ async def test_redis_down_refuses_new_slots_with_503_and_recovers(
         assert await holder.acquire("gpu-a", 2) is not None
     finally:
         await client.aclose()
+
+
+async def test_an_entry_is_not_trusted_after_an_outage_until_written_back(
+        redis_server: RedisServer) -> None:
+    # A freed entry is handed to a local waiter only while it is surely still in Redis.
+    client = connect(redis_server.url, timeout=0.5)
+    try:
+        holder = SlotHolder(GlobalSlots(client))
+        member = await holder.acquire("gpu-a", 2)
+        assert member is not None and holder.intact(member)
+        redis_server.stop()
+        with pytest.raises(Unavailable):
+            await holder.acquire("gpu-a", 2)
+        assert not holder.intact(member)
+        redis_server.start()  # empty: the entry is gone
+        assert not holder.intact(member)
+        await holder.heartbeat()  # writes it back
+        assert holder.intact(member)
+        assert holder.revived == 1
+        assert await holder.slots.in_use("gpu-a") == 1
+    finally:
+        await client.aclose()

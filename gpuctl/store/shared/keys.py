@@ -86,6 +86,8 @@ class SharedKeys:
         self._by_hash: dict[str, ApiKey] = {}
         self._hash_of: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
+        #: This host's key table, published again if Redis comes back empty.
+        self.local: KeyStore | None = None
 
     # -- administration ------------------------------------------------------------------
 
@@ -145,6 +147,12 @@ class SharedKeys:
     async def sync(self) -> bool:
         """Reload the keys if any changed since the last sync; True when reloaded."""
         raw_version = await self._client.get(self.version_key)
+        if raw_version is None and self._version is not None:
+            # Redis lost its data (restarted without persistence): keep answering from the
+            # keys we have, and put this host's table back for everyone.
+            if self.local is not None:
+                await self.publish(self.local.hashed())
+            return False
         version = "0" if raw_version is None else text(raw_version)
         if version == self._version and self._version is not None:
             return False
@@ -185,6 +193,7 @@ class ReplicaKeys(KeyStore):
 
     def attach(self, shared: SharedKeys) -> None:
         self.shared = shared
+        shared.local = self
 
     def authenticate(self, secret: str) -> ApiKey | None:
         if self.shared is None:

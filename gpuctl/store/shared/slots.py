@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import logging
 import secrets
+from collections.abc import Iterator
 
 import redis.asyncio as aioredis
 
@@ -77,6 +78,11 @@ class GlobalSlots:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._count = client.register_script(_COUNT)
+        #: Calls that found Redis unreachable so far. Redis may have lost its entries
+        #: meanwhile, so whatever was held before a failure must not be handed on as is.
+        self.failures = 0
+        #: Whether the last call reached Redis.
+        self.healthy = True
 
     def _key(self, gpu_id: str) -> str:
         return f"{self._ns}:slots:{gpu_id}"
@@ -84,7 +90,7 @@ class GlobalSlots:
     async def try_acquire(self, gpu_id: str, member: str, limit: int) -> int | None:
         """Take one of ``limit`` slots on ``gpu_id`` for ``member``: the count in use after,
         or None when all are taken. ``Unavailable`` (503) when Redis does not answer."""
-        with unreachable("grant a slot"):
+        with unreachable("grant a slot"), self._noting():
             used = int(await self._acquire(keys=[self._key(gpu_id)],
                                            args=[limit, self.ttl_ms, member]))
         return None if used < 0 else used
@@ -94,8 +100,26 @@ class GlobalSlots:
         try:
             await self._client.zrem(self._key(gpu_id), member)
         except StoreUnreachable:
+            self.failures += 1
+            self.healthy = False
             log.warning("could not release a slot on %s; it expires within %.0f s",
                         gpu_id, self.ttl_ms / 1000)
+
+    async def release_many(self, entries: list[tuple[str, str]]) -> None:
+        """Give back many (gpu_id, member) entries in one round trip."""
+        by_gpu: dict[str, list[str]] = {}
+        for gpu_id, member in entries:
+            by_gpu.setdefault(gpu_id, []).append(member)
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for gpu_id, members in by_gpu.items():
+                    pipe.zrem(self._key(gpu_id), *members)
+                await pipe.execute()
+        except StoreUnreachable:
+            self.failures += 1
+            self.healthy = False
+            log.warning("could not release %d slots; they expire within %.0f s",
+                        len(entries), self.ttl_ms / 1000)
 
     async def renew(self, held: list[tuple[str, str]]) -> int:
         """Push back the expiry of ``held`` (gpu_id, member) pairs, putting back any that had
@@ -103,11 +127,23 @@ class GlobalSlots:
         if not held:
             return 0
         keys = [self._key(gpu_id) for gpu_id, _ in held]
-        return int(await self._renew(keys=keys, args=[self.ttl_ms, *[m for _, m in held]]))
+        with self._noting():
+            return int(await self._renew(keys=keys,
+                                         args=[self.ttl_ms, *[m for _, m in held]]))
+
+    @contextlib.contextmanager
+    def _noting(self) -> Iterator[None]:
+        try:
+            yield
+        except StoreUnreachable:
+            self.failures += 1
+            self.healthy = False
+            raise
+        self.healthy = True
 
     async def in_use(self, gpu_id: str) -> int:
         """Slots in use on ``gpu_id`` across all replicas (expired entries dropped first)."""
-        with unreachable("count slots"):
+        with unreachable("count slots"), self._noting():
             return int(await self._count(keys=[self._key(gpu_id)], args=[]))
 
 
@@ -122,6 +158,8 @@ class SlotHolder:
         self.replica = replica or secrets.token_hex(4)
         self._ids = itertools.count(1)
         self._held: dict[str, str] = {}  # member -> gpu_id
+        #: Redis failures counted when each entry was last known to be in Redis.
+        self._seen: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         #: Entries a renewal found gone and put back (for logs and tests).
         self.revived = 0
@@ -132,12 +170,28 @@ class SlotHolder:
         if await self.slots.try_acquire(gpu_id, member, limit) is None:
             return None
         self._held[member] = gpu_id
+        self._seen[member] = self.slots.failures
         return member
 
+    def intact(self, member: str) -> bool:
+        """Whether ``member``'s entry is surely still in Redis: no call has failed since it
+        was last written. After a failure Redis may have restarted empty, so an entry is
+        only trusted again once a renewal has written it back."""
+        return self.slots.healthy and self._seen.get(member) == self.slots.failures
+
     async def release(self, member: str) -> None:
+        self._seen.pop(member, None)
         gpu_id = self._held.pop(member, None)
         if gpu_id is not None:
             await self.slots.release(gpu_id, member)
+
+    async def release_many(self, members: list[str]) -> None:
+        """Give back many held slots in one round trip."""
+        entries = [(self._held.pop(m), m) for m in members if m in self._held]
+        for member in members:
+            self._seen.pop(member, None)
+        if entries:
+            await self.slots.release_many(entries)
 
     @property
     def held(self) -> int:
@@ -146,11 +200,16 @@ class SlotHolder:
     async def heartbeat(self) -> None:
         """Renew every held slot once; a Redis outage is logged, and the next beat retries."""
         held = [(gpu_id, member) for member, gpu_id in self._held.items()]
+        failures = self.slots.failures
         try:
             revived = await self.slots.renew(held)
         except StoreUnreachable as exc:
             log.warning("slot renewal failed (Redis unreachable): %s", exc)
             return
+        if failures == self.slots.failures:  # written back with nothing failing meanwhile
+            for _, member in held:
+                if member in self._seen:
+                    self._seen[member] = failures
         if revived:
             self.revived += revived
             log.warning("%d slot entries had vanished from Redis; put back", revived)
