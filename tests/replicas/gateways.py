@@ -83,6 +83,8 @@ def env(fleet: Fleet, redis_url: str, state: Path) -> dict[str, str]:
         "GPUCTL_CLOUD_API__MACHINE_NAME_FILTER": "gpu",
         "GPUCTL_GPU__OLLAMA_URL": "http://{ip}",
         "GPUCTL_GPU__SLOTS": str(SLOTS),
+        # One user sends everything here: let them fill a GPU, so the global count is tested.
+        "GPUCTL_SERVER__MAX_SLOTS_PER_USER": str(SLOTS),
         "GPUCTL_TIMING__POLL_INTERVAL_SECONDS": "0.5",
         "GPUCTL_API_TOKEN": TOKEN,
         "GPUCTL_STORE__URL": redis_url,
