@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -86,3 +87,17 @@ def gpuctl_process(gpuctl_home: Path) -> GpuctlProcess:
                 proc.stderr.close()
 
     return start
+
+
+def served_url(proc: subprocess.Popen[str]) -> str:
+    """The URL a ``gpuctl serve`` process started by ``gpuctl_process`` printed in its banner
+    ("gpuctl gateway on http://HOST:PORT"): read from its stderr, bounded to the first lines."""
+    assert proc.stderr is not None
+    for _ in range(50):
+        line = proc.stderr.readline()
+        match = re.search(r"gateway on http://([\d.]+:\d+)", line)
+        if match:
+            return f"http://{match.group(1)}"
+        if not line:
+            break
+    raise AssertionError("the gateway printed no banner")

@@ -8,12 +8,12 @@ command reads them (and shows them) and leaves them alone.
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+from conftest import served_url  # tests/conftest.py
 
 from gpuctl.store import Store
 from gpuctl.store.keys import KeyStore
@@ -40,12 +40,9 @@ def test_status_beside_a_live_gateway_shows_its_leases_and_never_writes_them(
     _, secret = keys.create("alice")
     keys.close()
     env = {**cloud.env(), "GPUCTL_TIMING__POLL_INTERVAL_SECONDS": "0.2"}
-    with gpuctl_process("serve", "--port", "0", env=env) as proc:
-        assert proc.stderr is not None
-        match = re.search(r"http://([\d.]+:\d+)", proc.stderr.readline())
-        assert match
-        with httpx.Client(base_url=f"http://{match.group(1)}", timeout=10,
-                          headers={"Authorization": f"Bearer {secret}"}) as client:
+    with gpuctl_process("serve", "--port", "0", env=env) as proc, \
+            httpx.Client(base_url=served_url(proc), timeout=10,
+                         headers={"Authorization": f"Bearer {secret}"}) as client:
             answer = client.post("/api/chat", json={"model": "llama3.2", "stream": False})
             assert answer.status_code == 200, answer.text
             # The gateway writes its leases on its next poll (0.2 s here): wait for that,

@@ -4,7 +4,6 @@ timeline change behind a cloud action is on disk before the cloud hears of it.""
 from __future__ import annotations
 
 import contextlib
-import re
 import signal
 import sqlite3
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+from conftest import served_url  # tests/conftest.py
 
 from gpuctl.sim.ollama import SimOllama
 from gpuctl.sim.servers import ServerThread
@@ -56,10 +56,7 @@ def _env(sim_url: str) -> dict[str, str]:
 
 def _url(proc: subprocess.Popen[str]) -> str:
     assert proc.stderr is not None
-    banner = proc.stderr.readline()
-    match = re.search(r"http://([\d.]+:\d+)", banner)
-    assert match, banner
-    return f"http://{match.group(1)}"
+    return served_url(proc)
 
 
 def test_sigkill_keeps_flushed_rows_and_the_resume_it_had_sent(

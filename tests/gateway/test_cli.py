@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from conftest import served_url  # tests/conftest.py
 from typer.testing import CliRunner, Result
 
 from gpuctl.cli.context import AppContext
@@ -109,10 +110,7 @@ def test_serve_drains_a_stream_on_sigterm_and_exits_0(
         env = {"GPUCTL_CLOUD_API__PROVIDER": "static", "GPUCTL_CLOUD_API__HOSTS": node_url}
         with gpuctl_process("serve", "--port", "0", env=env) as proc:
             assert proc.stderr is not None
-            banner = proc.stderr.readline()
-            match = re.search(r"http://([\d.]+:\d+)", banner)
-            assert match, banner
-            url = f"http://{match.group(1)}"
+            url = served_url(proc)
             headers = {"Authorization": f"Bearer {secret}"}
             with httpx.Client(base_url=url, headers=headers, timeout=10) as client, \
                     client.stream("POST", "/api/chat", json={"model": "llama3.2"}) as r:
@@ -154,10 +152,7 @@ def test_serve_sends_a_node_token_from_a_credential_file_to_probes_and_proxy(
         env = {"GPUCTL_CLOUD_API__PROVIDER": "static", "GPUCTL_CLOUD_API__HOSTS": node_url,
                "CREDENTIALS_DIRECTORY": str(credentials)}
         with gpuctl_process("serve", "--port", "0", env=env) as proc:
-            assert proc.stderr is not None
-            match = re.search(r"http://([\d.]+:\d+)", proc.stderr.readline())
-            assert match
-            with httpx.Client(base_url=f"http://{match.group(1)}", timeout=10,
+            with httpx.Client(base_url=served_url(proc), timeout=10,
                               headers={"Authorization": f"Bearer {secret}"}) as client:
                 r = client.post("/api/chat", json={"model": "llama3.2", "stream": False})
             assert r.status_code == 200, r.text  # the probe found the model: token sent

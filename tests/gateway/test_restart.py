@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import ollama
+from conftest import served_url  # tests/conftest.py
 
 from gpuctl.gateway.drain import drain
 from gpuctl.sim.ollama import SimOllama
@@ -59,10 +60,7 @@ async def test_sigterm_answers_every_request_waiting_on_a_long_resume_and_logs_i
             "GPUCTL_API_TOKEN": TOKEN,
         }
         with gpuctl_process("serve", "--port", "0", env=env) as proc:
-            assert proc.stderr is not None
-            match = re.search(r"http://([\d.]+:\d+)", proc.stderr.readline())
-            assert match
-            url = f"http://{match.group(1)}"
+            url = served_url(proc)
             headers = {"Authorization": f"Bearer {secret}"}
             async with httpx.AsyncClient(base_url=url, headers=headers, timeout=20) as c:
                 plain = asyncio.ensure_future(
@@ -126,9 +124,7 @@ async def test_sigterm_answers_every_request_waiting_on_a_long_resume_and_logs_i
         env["GPUCTL_TIMING__POLL_INTERVAL_SECONDS"] = "0.1"
         with gpuctl_process("serve", "--port", "0", env=env) as proc:
             assert proc.stderr is not None
-            match = re.search(r"http://([\d.]+:\d+)", proc.stderr.readline())
-            assert match
-            async with httpx.AsyncClient(base_url=f"http://{match.group(1)}", timeout=20,
+            async with httpx.AsyncClient(base_url=served_url(proc), timeout=20,
                                          headers={"Authorization": f"Bearer {secret}"}) as c:
                 served = await c.post("/api/chat", json={"model": "llama3.2", "stream": False})
             assert served.status_code == 200, served.text
@@ -190,9 +186,7 @@ async def test_a_gateway_killed_between_recording_a_resume_and_sending_it_is_cov
         sim.hold_actions()
         with gpuctl_process("serve", "--port", "0", env=env) as proc:
             assert proc.stderr is not None
-            match = re.search(r"http://([\d.]+:\d+)", proc.stderr.readline())
-            assert match
-            async with httpx.AsyncClient(base_url=f"http://{match.group(1)}", timeout=20,
+            async with httpx.AsyncClient(base_url=served_url(proc), timeout=20,
                                          headers=headers) as c:
                 held = asyncio.ensure_future(c.post("/api/chat", json={"model": "llama3.2"}))
                 deadline = time.monotonic() + 10

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from conftest import served_url  # tests/conftest.py
 
 from gpuctl.sim.ollama import SimOllama
 from gpuctl.sim.servers import ServerThread
@@ -92,18 +93,6 @@ def env(fleet: Fleet, redis_url: str, state: Path) -> dict[str, str]:
     }
 
 
-def url_of(proc: subprocess.Popen[str]) -> str:
-    assert proc.stderr is not None
-    for _ in range(50):  # bounded: the banner is among the first lines
-        line = proc.stderr.readline()
-        match = re.search(r"gateway on http://([\d.]+:\d+)", line)
-        if match:
-            return f"http://{match.group(1)}"
-        if not line:
-            break
-    raise AssertionError("the gateway printed no banner")
-
-
 @contextlib.contextmanager
 def replicas(start: Callable[..., contextlib.AbstractContextManager[subprocess.Popen[str]]],
              fleet: Fleet, redis_url: str, home: Path, count: int) -> Iterator[Fleet]:
@@ -115,5 +104,5 @@ def replicas(start: Callable[..., contextlib.AbstractContextManager[subprocess.P
             proc = stack.enter_context(
                 start("serve", "--port", "0", env=env(fleet, redis_url, state)))
             fleet.procs.append(proc)
-            fleet.urls.append(url_of(proc))
+            fleet.urls.append(served_url(proc))
         yield fleet
