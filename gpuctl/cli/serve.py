@@ -68,8 +68,8 @@ def serve(
     if port is not None:
         app_ctx.overrides["server.port"] = port
     config = app_ctx.config
+    raise_fd_limit()  # first: the server's connection cap is sized to the descriptors
     settings = _settings(app_ctx, config, insecure_http=insecure_http)
-    raise_fd_limit()
     logs.install()
     if demo:
         received = asyncio.run(_serve_demo(app_ctx, config, settings))

@@ -44,8 +44,14 @@ from gpuctl.errors import ConfigError
 if TYPE_CHECKING:
     from gpuctl.gateway.app import GatewayApp
 
-__all__ = ["EmbeddedServer", "GatewayServer", "ServerSettings", "raise_fd_limit",
-           "running_gateway"]
+__all__ = [
+    "EmbeddedServer",
+    "GatewayServer",
+    "ServerSettings",
+    "fd_budget",
+    "raise_fd_limit",
+    "running_gateway",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +89,7 @@ class ServerSettings:
         key = find(server.tls_key, "server.tls_key") if server.tls_key else None
         if (cert is None) != (key is None):
             raise ConfigError("server.tls_cert and server.tls_key go together: set both")
-        return cls(max_connections=server.max_connections,
+        return cls(max_connections=fd_budget(server.max_connections),
                    backlog=max(server.max_connections, 128),
                    header_timeout_seconds=server.header_timeout_seconds,
                    tls_cert=cert, tls_key=key)
@@ -101,6 +107,26 @@ def raise_fd_limit() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+#: Descriptors kept free of client connections: the listening socket, SQLite, logs, the
+#: event loop's own, the cloud client, granian's threads.
+FD_RESERVE = 64
+
+
+def fd_budget(wanted: int) -> int:
+    """``server.max_connections``, lowered so connections can never exhaust the descriptors.
+
+    Each client connection may hold a second descriptor toward its node. Past the limit
+    granian stops accepting and new connections wait in the kernel's backlog, which costs
+    this process nothing; run out of descriptors instead and granian's runtime can panic
+    (seen: ``TooManyOpenFiles`` unwrapped, the process aborted). So at most
+    ``(soft limit − FD_RESERVE) / 2`` connections are served at once (at least 16).
+    """
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(16, min(wanted, (soft - FD_RESERVE) // 2))
 
 
 def _plain_path(value: str, setting: str) -> Path:

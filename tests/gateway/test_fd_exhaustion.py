@@ -4,12 +4,15 @@ Under systemd's default soft limit (1,024), 1,100 idle connections once took the
 down with 235,163 logged tracebacks in 30 s. Here ``gpuctl serve --demo`` runs as a real
 process under a hard limit of 256 descriptors (so raising the soft limit cannot help), 400
 connections are opened at it, then closed: it must stay quiet, keep running and serve again.
+(Before ``fd_budget`` capped the connections served at once below the descriptors, granian's
+runtime sometimes panicked on ``TooManyOpenFiles`` here and the process aborted.)
 """
 
 from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -18,6 +21,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from gpuctl.gateway.server import FD_RESERVE, fd_budget
 
 LIMIT = 256
 CONNECTIONS = 400
@@ -73,3 +78,9 @@ def test_fd_exhaustion_refuses_connections_quietly_and_recovers(gpuctl_home: Pat
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
+
+
+def test_the_connection_cap_leaves_descriptors_for_each_connections_node_side() -> None:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert fd_budget(10**9) == max(16, (soft - FD_RESERVE) // 2)
+    assert fd_budget(20) == min(20, max(16, (soft - FD_RESERVE) // 2))
