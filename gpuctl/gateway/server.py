@@ -40,6 +40,7 @@ from granian.server.embed import Server
 
 from gpuctl.config import Config
 from gpuctl.errors import ConfigError
+from gpuctl.gateway.silent import SilentConnections
 
 if TYPE_CHECKING:
     from gpuctl.gateway.app import GatewayApp
@@ -193,6 +194,9 @@ class GatewayServer:
         self.app = app
         self.settings = settings or ServerSettings()
         self._server = EmbeddedServer(app, sock, self.settings)
+        #: Connections that never send a byte: granian keeps them for ever (see ``silent``).
+        self.silent = SilentConnections(sock, self.settings.header_timeout_seconds,
+                                        tls=self.settings.tls)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -215,10 +219,12 @@ class GatewayServer:
         if self._task.done():
             self._task.result()  # granian failed to start: raise its error
             raise RuntimeError("the HTTP server stopped before it started")
+        self.silent.start()
 
     def stop_accepting(self) -> None:
         """No new connections; those in flight go on (granian waits for them)."""
         self._server.halt()
+        # Silent connections go on being closed: granian's graceful stop waits for them too.
 
     async def finish(self, grace: float) -> None:
         """Wait up to ``grace`` s for requests in flight, then cancel those still running."""
@@ -235,6 +241,7 @@ class GatewayServer:
 
     async def closed(self) -> None:
         """Wait for the server to end (the lifespan shutdown stops the engine)."""
+        await self.silent.stop()
         task = self._task
         if task is None:
             return
@@ -248,6 +255,7 @@ class GatewayServer:
         task.result()
 
     async def _stop_now(self) -> None:
+        await self.silent.stop()
         if self._task is not None:
             await self._server.stop_within(self._task, _AFTER_CANCEL_SECONDS)
 

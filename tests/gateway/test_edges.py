@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import resource
+import socket
 import ssl
 import time
 import warnings
@@ -28,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from gpuctl.gateway.jsonbody import MAX_DEPTH
 from gpuctl.gateway.logs import BURST, WINDOW, RepeatLimit
 from gpuctl.gateway.server import raise_fd_limit
+from gpuctl.gateway.silent import SilentConnections, tcp_activity
 from gpuctl.sim.waiting import eventually
 
 from .raw_node import OK_CHUNKED, raw_node
@@ -138,6 +140,71 @@ async def test_a_head_sent_too_slowly_is_cut_off_at_the_header_timeout(
             assert (await c.get("/health")).status_code == 200
 
 
+async def test_connections_that_never_send_a_byte_are_closed_at_the_header_timeout(
+    make_world: WorldFactory,
+) -> None:
+    """granian's header timer starts at the first byte: without the sweeper these stayed
+    open for good, each holding a share of ``server.max_connections``."""
+    async with make_world(server={"header_timeout_seconds": 1}) as world:
+        silent = [await _open(world.url) for _ in range(64)]
+        talking, talking_writer = await _open(world.url)
+        talking_writer.write(b"GET /health HTTP/1.1\r\nHost: gw\r\n")  # half a head: hyper's
+        started = time.monotonic()
+        closed = await asyncio.wait_for(
+            asyncio.gather(*(reader.read() for reader, _ in silent)), 8)
+        assert closed == [b""] * 64
+        assert time.monotonic() - started < 7
+        assert await _read_all(talking) == b""  # hyper timed the half head out itself
+        for _, writer in [*silent, (talking, talking_writer)]:
+            writer.close()
+        async with world.client() as c:  # and the gateway serves on
+            assert (await c.get("/health")).status_code == 200
+
+
+async def test_a_request_held_longer_than_the_header_timeout_is_not_closed_as_silent(
+    make_world: WorldFactory,
+) -> None:
+    """The sweeper closes only what never spoke: a request waiting for a waking GPU (its
+    client silent for minutes after the head) is served."""
+    async with make_world(GpuSpec("gpu-1", status="paused"),
+                          server={"header_timeout_seconds": 1}) as world:
+        reader, writer = await _open(world.url)
+        body = b'{"model": "llama3.2", "stream": false}'
+        writer.write(_head("/api/chat", key=world.user_key, length=len(body)) + body)
+        await writer.drain()
+        await eventually(lambda: world.engine.queue_depth() == 1)
+        # Real time, not the engine's: the sweeper reads the kernel's silence counter, which
+        # passes the 1 s timeout here (several sweeps run meanwhile).
+        await asyncio.sleep(2.5)
+        await world.until(lambda: world.gpu("gpu-1").state.ready)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_the_sweeper_reads_what_the_kernel_says_a_connection_did() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    sweeper = SilentConnections(listener, 0.2, tls=False)
+    quiet = socket.create_connection(listener.getsockname())
+    spoken = socket.create_connection(listener.getsockname())
+    accepted = [listener.accept()[0] for _ in range(2)]
+    try:
+        spoken.sendall(b"GET")
+        fresh = [tcp_activity(s) for s in accepted]
+        assert all(a is not None and a.silent_seconds < 0.2 for a in fresh)
+        assert sweeper.sweep() == 0  # too young to judge
+        time.sleep(0.3)  # real time: the kernel counts the silence
+        assert sweeper.sweep() == 1
+        assert quiet.recv(10) == b""  # the silent one was shut down
+        spoken.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            spoken.recv(10)  # the one that spoke is untouched
+        assert sweeper.sweep() == 0 and sweeper.closed == 1
+    finally:
+        for s in (listener, quiet, spoken, *accepted):
+            s.close()
+
+
 # -- file descriptors ----------------------------------------------------------------------------
 
 
@@ -213,6 +280,27 @@ async def test_tls_files_may_come_from_systemd_credentials(
     cert, key = _self_signed(tmp_path)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     async with make_world(server={"tls_cert": cert.name, "tls_key": key.name}) as world:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        async with world.client(verify=trusting) as c:
+            assert (await c.get("/health")).status_code == 200
+
+
+async def test_tls_connections_that_never_finish_a_handshake_are_closed(
+    make_world: WorldFactory, tmp_path: Path,
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    server = {"tls_cert": str(cert), "tls_key": str(key), "header_timeout_seconds": 1}
+    async with make_world(server=server) as world:
+        address = world.url.replace("https://", "http://")
+        silent = [await _open(address) for _ in range(8)]
+        half_hello = [await _open(address) for _ in range(8)]
+        for _, writer in half_hello:  # a TLS record header and a few bytes of ClientHello
+            writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        closed = await asyncio.wait_for(
+            asyncio.gather(*(reader.read() for reader, _ in [*silent, *half_hello])), 8)
+        assert closed == [b""] * 16
+        for _, writer in [*silent, *half_hello]:
+            writer.close()
         trusting = ssl.create_default_context(cafile=str(cert))
         async with world.client(verify=trusting) as c:
             assert (await c.get("/health")).status_code == 200
