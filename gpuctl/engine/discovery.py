@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gpuctl.cloud.base import CloudProvider, Workspace
@@ -218,6 +218,16 @@ class Discovery:
         """Close the node clients of every GPU (the engine stops)."""
         for gpu in self._gpus.values():
             await close_probe(gpu.probe)
+
+    def learn(self, gpu_id: str, models: Sequence[Mapping[str, Any]]) -> None:
+        """Models another replica saw on ``gpu_id``: remembered, and listed for the GPU
+        while it is not ready here (a ready GPU's own probe is the fresher word)."""
+        dumped = [dict(m) for m in models]
+        self._known[gpu_id] = dumped
+        gpu = self._gpus.get(gpu_id)
+        if gpu is not None and not gpu.ready:
+            self._catalog.set_models(gpu, [ModelView.model_validate(m) for m in dumped])
+            self._refile(gpu)
 
     def _save_models(self, gpu: Gpu) -> None:
         dumped = [v.model_dump() for v in (gpu.models or {}).values()]

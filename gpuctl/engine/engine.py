@@ -413,6 +413,56 @@ class Engine:
         if count < old:
             self._drain(gpu)
 
+    # -- replicas: shared leases, learnt models and history -------------------------------
+
+    @property
+    def lease_version(self) -> int:
+        """Bumped on every change of the leases (a replica publishes only when it moved)."""
+        return self._leases.version
+
+    def lease_records(self) -> list[LeaseRecord]:
+        """Every lease this engine knows, with wall-clock ends (for other replicas)."""
+        now, wall = self.clock.now(), self.clock.wall()
+        return [LeaseRecord(lease.gpu_id, lease.user, wall + lease.expires - now, lease.seconds)
+                for lease in self._leases]
+
+    def merge_leases(self, records: Iterable[LeaseRecord]) -> int:
+        """Take in other replicas' leases: a lease that ends later than ours wins (leases
+        only grow), so routing affinity and idle pause see every replica's users. Returns
+        how many changed."""
+        now, wall = self.clock.now(), self.clock.wall()
+        changed: set[str] = set()
+        for record in records:
+            gpu = self._gpus.get(record.gpu_id)
+            expires = now + record.expires_at - wall
+            if gpu is None or expires <= now:
+                continue
+            held = self._leases.holders(record.gpu_id).get(record.user)
+            if held is not None and held.expires >= expires - 1e-3:
+                continue  # ours ends as late (a millisecond of clock noise is no news)
+            self._leases.hold(record.gpu_id, record.user, expires,
+                              record.seconds or reservation_seconds(self.config))
+            changed.add(record.gpu_id)
+        for gpu_id in changed:
+            self._roster.refile(self._gpus[gpu_id])
+        return len(changed)
+
+    def learn_models(self, gpu_id: str, models: Sequence[dict[str, Any]]) -> None:
+        """Another replica saw ``gpu_id`` awake with ``models`` (already in the store)."""
+        self._discovery.learn(gpu_id, models)
+
+    def learn_resume(self, gpu_id: str, seconds: float, *, ok: bool) -> None:
+        """Another replica's resume of ``gpu_id`` (already in the store): for estimates."""
+        self._estimator.record_resume(gpu_id, seconds, ok=ok)
+
+    def learn_load(self, model: str, seconds: float) -> None:
+        """Another replica's load time of ``model`` (already in the store): for estimates."""
+        self._estimator.record_load(model, seconds)
+
+    def learn_request(self, row: RequestRow) -> None:
+        """Another replica's finished request: the running cost counters count it too."""
+        self._meter.add(row)
+
     async def _acquire(
         self, model: str, user: str, *, progress: ProgressCallback | None = None,
         request: RequestRow | None = None,
@@ -717,13 +767,16 @@ class Engine:
 
     async def wake(
         self, ref: str, *, wait: bool = False, timeout: float | None = None,
-        progress: ProgressCallback | None = None,
+        progress: ProgressCallback | None = None, cause: str = "hand",
     ) -> ActionResult:
-        """Resume a GPU by hand (single-flight); with ``wait``, until its Ollama answers."""
+        """Resume a GPU by hand (single-flight); with ``wait``, until its Ollama answers.
+
+        ``cause`` is what the timeline records: ``gateway`` when a leader replica wakes a
+        GPU for another replica's requests."""
         gpu = self._find(ref)
         started = self.clock.now()
         message = await self._waker.wake_by_hand(gpu, wait=wait, timeout=timeout,
-                                                 progress=progress)
+                                                 progress=progress, cause=cause)
         return self._result(gpu, message, started)
 
     async def pause(self, ref: str, *, wait: bool = False) -> ActionResult:

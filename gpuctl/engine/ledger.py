@@ -19,9 +19,17 @@ rule for each is about money:
 An engine made for one CLI command (``observe_fleet=False``) writes only the actions it
 takes: it does not watch the fleet, and one writer (the gateway) keeps the record of what was
 observed.
+
+Replicas (``store.url``) keep one timeline for the group: only the leader writes it (its
+observations and the actions it sends to the cloud; ``leading``), and the others fold the
+leader's events in from Redis (``store.shared.journal``). A follower writes nothing, so no
+change is counted twice; a replica that takes the lead first re-reads the last event of
+each GPU (``resync``), which the old leader's journal brought in.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from gpuctl.engine.clock import Clock
 from gpuctl.engine.fleet import Gpu
@@ -56,12 +64,22 @@ class Ledger:
         self._rows = store.ledger
         self._clock = clock
         self._observe = observe_fleet
-        self._last: dict[str, str] = {
+        #: Replicas: whether this engine writes the timeline now (the leader does).
+        self.leading: Callable[[], bool] | None = None
+        self._last: dict[str, str] = {}
+        self.resync()
+
+    def resync(self) -> None:
+        """Take the last stored event of each GPU as what was written last (at start, and
+        on a replica that takes the lead: the old leader's events were folded in)."""
+        self._last = {
             gpu_id: event.status for gpu_id, event in self._rows.last_events().items()
         }
 
     def observe(self, gpu: Gpu) -> None:
         """Write ``gpu``'s status if it changed since the last event (O(1) when it did not)."""
+        if self.leading is not None and not self.leading():
+            return
         status = timeline_status(gpu)
         if status is None or self._last.get(gpu.id) == status:
             return
@@ -76,11 +94,18 @@ class Ledger:
         self._write(gpu, status, cause)
 
     def action(self, gpu: Gpu, status: str, cause: str) -> None:
-        """Write an action of ours (``resuming``, ``pausing``, ``failed``) before it is sent."""
+        """Write an action of ours (``resuming``, ``pausing``, ``failed``) before it is sent.
+
+        A follower replica sends no action to the cloud (its resume is a wish the leader
+        acts on, and records), so it writes none."""
+        if self.leading is not None and not self.leading():
+            return
         self._write(gpu, status, cause)
 
     def gone(self, gpu: Gpu) -> None:
         """``gpu`` left the cloud's list: it bills no more."""
+        if self.leading is not None and not self.leading():
+            return
         if self._observe and self._last.get(gpu.id) not in (None, "gone"):
             self._write(gpu, "gone", "outside")
 

@@ -19,8 +19,8 @@ With ``store.url = "redis://…"`` each gateway's engine runs as before, plus th
 Keys: each replica publishes its key table at start and authenticates against the shared
 directory (``store.shared.keys``); ``gpuctl keys`` publishes after each change.
 
-What is not shared yet: leases, the ledger and history stay per replica (each in its own
-store); see the README's "Two or more gateways".
+Leases, the ledger (request rows and the GPU timeline), known models and resume and load
+history are shared too, by ``engine.sharing.SharedState``, which ``Replica._run`` steps.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gpuctl.cloud.base import CloudProvider, Workspace
 from gpuctl.engine.api import GpuState
+from gpuctl.engine.sharing import SharedState
 from gpuctl.errors import ActionRefused, CloudUnavailable, GpuctlError, Unavailable
 from gpuctl.store.shared import (
     CloudActions,
@@ -191,6 +192,8 @@ class Replica:
         self.auto_pause = auto_pause
         self._task: asyncio.Task[None] | None = None
         self._waking: dict[str, asyncio.Task[object]] = {}
+        #: Leases, ledger rows, learnt models and history (``ReplicaSet.join`` sets it).
+        self.sharing: SharedState | None = None
         engine.attach_gate(gate)
         engine.config.gpu.auto_pause = False  # until this replica leads
 
@@ -223,6 +226,8 @@ class Replica:
                     await self._lead()
                 self.gate.return_spares()
                 await self._sync()
+                if self.sharing is not None:
+                    await self.sharing.step()
                 if self.lease.is_leader:
                     await self._serve_wanted()
                     await self._close_finished()
@@ -255,7 +260,8 @@ class Replica:
             except GpuctlError:
                 continue  # not in this replica's fleet view (yet)
             if view.state is GpuState.PAUSED:
-                self._waking[gpu_id] = asyncio.ensure_future(self.engine.wake(gpu_id))
+                self._waking[gpu_id] = asyncio.ensure_future(
+                    self.engine.wake(gpu_id, cause="gateway"))  # for requests, not by hand
 
     async def _close_finished(self) -> None:
         """Drop claims the cloud has carried out, so the GPU can be acted on again."""
@@ -312,6 +318,7 @@ class ReplicaSet:
     async def join(self, engine: Engine) -> Replica:
         self.replica = Replica(engine, SharedSlotGate(self.holder), self.lease, self.actions,
                                auto_pause=engine.config.gpu.auto_pause)
+        self.replica.sharing = SharedState(engine, self.client, self.lease)
         await self.replica.start()
         return self.replica
 
@@ -319,4 +326,6 @@ class ReplicaSet:
         await self.keys.stop()
         if self.replica is not None:
             await self.replica.stop()
+            if self.replica.sharing is not None:
+                await self.replica.sharing.close()
         await self.client.aclose()

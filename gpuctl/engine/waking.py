@@ -481,6 +481,7 @@ class Waker:
 
     async def wake_by_hand(
         self, gpu: Gpu, *, wait: bool, timeout: float | None, progress: ProgressCallback | None,
+        cause: str = "hand",
     ) -> str:
         """The admin ``wake``: resume ``gpu`` (single-flight); returns what to tell the admin."""
         if gpu.state.ready:
@@ -492,7 +493,7 @@ class Waker:
                 f"{gpu.name} is pausing; resume it once it is paused",
                 hint="Try again in a minute, or check `gpuctl status`.",
             )
-        flight = self._start_wake(gpu, grace=True, cause="hand")
+        flight = self._start_wake(gpu, grace=True, cause=cause)
         if progress is not None:
             flight.listeners.append(progress)
         try:

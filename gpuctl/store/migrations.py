@@ -91,10 +91,28 @@ def _m002_ledger(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _m003_origins(conn: sqlite3.Connection) -> None:
+    """Replicas: each ledger row shared through Redis carries its origin (the replica's
+    store id and the row's id there), unique, so a row folded in twice is kept once; and
+    what this store has published and read of the shared journal. The indexes are partial:
+    a single gateway (no origins) pays nothing for them."""
+    for statement in (
+        "ALTER TABLE request_log ADD COLUMN origin TEXT",
+        "ALTER TABLE gpu_timeline ADD COLUMN origin TEXT",
+        "CREATE UNIQUE INDEX request_log_origin ON request_log (origin) "
+        "WHERE origin IS NOT NULL",
+        "CREATE UNIQUE INDEX gpu_timeline_origin ON gpu_timeline (origin) "
+        "WHERE origin IS NOT NULL",
+        "CREATE TABLE replica_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ):
+        conn.execute(statement)
+
+
 #: Applied in order; the position (1-based) is the ``user_version`` a database reaches.
 MIGRATIONS: tuple[Migration, ...] = (
     _m001_initial,
     _m002_ledger,
+    _m003_origins,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,9 @@ class Store:
         self._usage: dict[str, UsageTotals] = {}
         #: The ledger's tables (GPU timeline, request log, roll-ups, budgets).
         self.ledger = LedgerStore(conn)
+        #: Replicas (``store.url``): told of each model list, resume and load written here,
+        #: so the other replicas learn them too (``store.shared.ledger``). None: one gateway.
+        self.tap: Callable[[str, dict[str, Any]], None] | None = None
 
     @classmethod
     def open(cls, state_dir: Path, *, reader: bool = False) -> Store:
@@ -200,6 +203,8 @@ class Store:
                 seen_at = excluded.seen_at""",
             (gpu_id, json.dumps(list(models)), at),
         )
+        if self.tap is not None:
+            self.tap("models", {"gpu": gpu_id, "models": list(models), "at": at})
 
     def known_models(self) -> dict[str, list[dict[str, Any]]]:
         """Models per GPU as last seen; a GPU missing here was never seen awake."""
@@ -224,6 +229,9 @@ class Store:
                     ORDER BY at DESC LIMIT ?)""",
                 (gpu_id, gpu_id, HISTORY_KEEP),
             )
+        if self.tap is not None:
+            self.tap("resume", {"gpu": gpu_id, "seconds": seconds, "ok": ok, "at": at,
+                                "reason": reason})
 
     def resume_history(self) -> dict[str, list[tuple[float, bool]]]:
         """Past resumes per GPU, oldest first: (seconds, succeeded)."""
@@ -247,6 +255,8 @@ class Store:
                     ORDER BY at DESC LIMIT ?)""",
                 (model, model, HISTORY_KEEP),
             )
+        if self.tap is not None:
+            self.tap("load", {"model": model, "seconds": seconds, "at": at})
 
     def load_history(self) -> dict[str, list[float]]:
         history: dict[str, list[float]] = {}

@@ -95,14 +95,17 @@ def env(fleet: Fleet, redis_url: str, state: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def replicas(start: Callable[..., contextlib.AbstractContextManager[subprocess.Popen[str]]],
-             fleet: Fleet, redis_url: str, home: Path, count: int) -> Iterator[Fleet]:
-    """``count`` gateway processes (``gpuctl_process``), their URLs in ``fleet.urls``."""
+             fleet: Fleet, redis_url: str, home: Path, count: int,
+             extra: dict[str, str] | None = None) -> Iterator[Fleet]:
+    """``count`` gateway processes (``gpuctl_process``), their URLs in ``fleet.urls``;
+    ``extra``: more environment (config) for every one."""
     with contextlib.ExitStack() as stack:
         for i in range(count):
             state = home / f"replica-{i}"
             _prepare_state(state, fleet)
             proc = stack.enter_context(
-                start("serve", "--port", "0", env=env(fleet, redis_url, state)))
+                start("serve", "--port", "0",
+                      env={**env(fleet, redis_url, state), **(extra or {})}))
             fleet.procs.append(proc)
             fleet.urls.append(served_url(proc))
         yield fleet

@@ -1,0 +1,96 @@
+"""What replicas share besides slots and keys: leases, the ledger, learnt models and history.
+
+``Replica._run`` calls ``step`` a few times a second (``replicas.SYNC_SECONDS``); every
+network round trip happens here, in the background, in batches, never on a request's path:
+
+- **Leases** (``store.shared.leases``): when this engine's leases changed, they are merged
+  into Redis (a later end wins); every step the others' are read back and merged into the
+  engine's ``LeaseBook`` (``Engine.merge_leases``), so the leader's idle pause keeps a GPU
+  a user of another replica holds, and that user's requests here go back to it.
+- **The ledger and learnt facts** (``store.shared.ledger``), every ``PUBLISH_SECONDS``:
+  this store's new request rows, timeline events, model lists, resume and load times go to
+  the journal; the other replicas' are folded into this store and into the engine's
+  estimates and model catalog (``Engine.learn_*``), so a follower's estimate of a cold
+  start uses the resume time the leader learnt.
+- **One timeline writer**: the engine's ledger writes the GPU timeline only while this
+  replica leads (``Ledger.leading``). A replica that takes the lead folds first, then
+  re-reads each GPU's last event (``Ledger.resync``), so it neither repeats nor misses one.
+
+Each part fails alone: Redis unreachable leaves the rows in this store and the leases in
+memory, and the next step that reaches Redis sends them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import redis.asyncio as aioredis
+
+from gpuctl.errors import Unavailable
+from gpuctl.store.shared.connect import StoreUnreachable
+from gpuctl.store.shared.journal import Journal
+from gpuctl.store.shared.leader import LeaderLease
+from gpuctl.store.shared.leases import SharedLeases
+from gpuctl.store.shared.ledger import LedgerShare
+
+if TYPE_CHECKING:
+    from gpuctl.engine.engine import Engine
+
+__all__ = ["PUBLISH_SECONDS", "SharedState"]
+
+log = logging.getLogger(__name__)
+
+#: How often the ledger is published and folded: the delay before another replica's
+#: ``/admin/usage`` shows a request (plus the request log's flush, done here first).
+PUBLISH_SECONDS = 1.0
+
+
+class SharedState:
+    """One replica's leases, ledger rows and learnt facts, kept in step with the group."""
+
+    def __init__(self, engine: Engine, client: aioredis.Redis, lease: LeaderLease) -> None:
+        self.engine = engine
+        self.lease = lease
+        self.leases = SharedLeases(client)
+        self.ledger = LedgerShare(engine.store, Journal(client))
+        self._published_leases = -1
+        self._last_publish = float("-inf")
+        self._was_leader = False
+        engine.ledger.leading = lambda: lease.is_leader
+
+    async def step(self) -> None:
+        """One round: leases every time, the ledger every ``PUBLISH_SECONDS``."""
+        leading = self.lease.is_leader
+        if leading and not self._was_leader:
+            await self.ledger.fold(self.engine)  # the old leader's last events first
+            self.engine.ledger.resync()
+        self._was_leader = leading
+        await self.sync_leases()
+        if time.monotonic() - self._last_publish >= PUBLISH_SECONDS:
+            self._last_publish = time.monotonic()
+            await self.ledger.publish()
+            while await self.ledger.fold(self.engine):
+                pass  # catch up in batches (a replica that joins late, or came back)
+
+    async def sync_leases(self) -> None:
+        """Publish this engine's leases if they changed; merge in everyone's."""
+        engine = self.engine
+        version = engine.lease_version
+        wall = engine.clock.wall()
+        if version != self._published_leases:
+            await self.leases.publish(engine.lease_records(), wall)
+            self._published_leases = version
+        found = await self.leases.read([view.id for view in engine.gpus()], wall)
+        before = engine.lease_version
+        engine.merge_leases(found)
+        if before == version:
+            # Nothing of ours changed while we read: what we merged is what Redis has.
+            self._published_leases = engine.lease_version
+
+    async def close(self) -> None:
+        """A clean stop: publish what is left, so the others have every row of ours."""
+        with contextlib.suppress(Unavailable, *StoreUnreachable):
+            await self.ledger.publish()

@@ -1,0 +1,100 @@
+"""Leases shared by every replica, so the leader's idle pause sees a lease held elsewhere.
+
+``{ns}:leases:{gpu}`` is a hash per GPU: the field is the user, the value
+``"{expires_at} {seconds}"`` (wall-clock seconds, and the lease's length after each
+request). A lease only ever grows (a new request pushes its end back; the fallback lease
+becomes a full one), so replicas merge by taking the later end: ``publish`` writes a lease
+only where it ends later than what Redis has, in one script, so two replicas renewing the
+same lease at once cannot shorten it. The hash expires with its last lease (``PEXPIREAT``),
+and expired fields are dropped whenever the hash is written.
+
+Replicas write and read in the background loop (``engine.replicas.Replica``), never on a
+request's path: the engine keeps answering from its own ``LeaseBook``, into which the
+others' leases are merged a few times a second. A replica that loses Redis keeps its own
+leases and publishes them when Redis answers again; leases lost with an empty Redis come
+back at the next publish of the replicas that hold them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import redis.asyncio as aioredis
+
+from gpuctl.store.shared.connect import text, unreachable
+from gpuctl.store.store import LeaseRecord
+
+__all__ = ["SharedLeases"]
+
+_PUBLISH = """
+local now = tonumber(ARGV[1])
+for i = 2, #ARGV, 3 do
+    local user, ends, seconds = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+    local old = redis.call('HGET', KEYS[1], user)
+    if not old or ends > tonumber(string.match(old, '^(%S+)')) then
+        redis.call('HSET', KEYS[1], user, ARGV[i + 1] .. ' ' .. seconds)
+    end
+end
+local latest = now
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+    local ends = tonumber(string.match(all[i + 1], '^(%S+)'))
+    if ends <= now then
+        redis.call('HDEL', KEYS[1], all[i])
+    elseif ends > latest then
+        latest = ends
+    end
+end
+redis.call('PEXPIREAT', KEYS[1], math.floor(latest * 1000) + 1000)
+return latest
+"""
+
+
+class SharedLeases:
+    """Publish this replica's leases and read everyone's, per GPU, in one round trip each."""
+
+    def __init__(self, client: aioredis.Redis, *, namespace: str = "gpuctl") -> None:
+        self._client = client
+        self._ns = namespace
+        self._publish = client.register_script(_PUBLISH)
+
+    def _key(self, gpu_id: str) -> str:
+        return f"{self._ns}:leases:{gpu_id}"
+
+    async def publish(self, leases: Iterable[LeaseRecord], now: float) -> int:
+        """Merge ``leases`` into Redis (a later end wins); returns how many were sent.
+
+        Leases that ended by ``now`` are not sent: they would only be dropped again.
+        """
+        by_gpu: dict[str, list[str]] = {}
+        for lease in leases:
+            if lease.expires_at > now:
+                by_gpu.setdefault(lease.gpu_id, []).extend(
+                    (lease.user, repr(lease.expires_at), repr(lease.seconds)))
+        if not by_gpu:
+            return 0
+        with unreachable("share the leases"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for gpu_id, args in by_gpu.items():
+                    await self._publish(keys=[self._key(gpu_id)], args=[repr(now), *args],
+                                        client=pipe)
+                await pipe.execute()
+        return sum(len(a) // 3 for a in by_gpu.values())
+
+    async def read(self, gpu_ids: Sequence[str], now: float) -> list[LeaseRecord]:
+        """Every replica's leases on ``gpu_ids`` that end after ``now``."""
+        if not gpu_ids:
+            return []
+        with unreachable("read the shared leases"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for gpu_id in gpu_ids:
+                    pipe.hgetall(self._key(gpu_id))
+                replies = await pipe.execute()
+        found: list[LeaseRecord] = []
+        for gpu_id, fields in zip(gpu_ids, replies, strict=True):
+            for user, value in fields.items():
+                ends, _, seconds = text(value).partition(" ")
+                if float(ends) > now:
+                    found.append(LeaseRecord(gpu_id, text(user), float(ends),
+                                             float(seconds or 0.0)))
+        return found
