@@ -136,15 +136,17 @@ class LedgerShare:
         """Take in one batch of the journal written by other stores; how many were new."""
         epoch, found = await self.journal.read(self._get("journal_read") or "0-0", BATCH)
         known = self._get("journal_epoch")
-        if known != epoch:
+        if known is None:  # the first read of this store: from the start
+            self._mark("journal_epoch", epoch)
+        elif known != epoch:
+            # Redis lost the journal (restarted empty): read the new one from its start,
+            # and send our recent rows again, since what others had not read went with it.
             with self._transaction():
                 self._mark("journal_epoch", epoch)
                 self._mark("journal_read", "0-0")
-            if known is not None:
-                # Redis lost the journal: what others had not read yet went with it.
-                log.warning("the shared ledger's journal was lost (Redis restarted empty?);"
-                            " publishing this replica's last hour again")
-                await self._republish()
+            log.warning("the shared ledger's journal was lost (Redis restarted empty?); "
+                        "publishing this replica's last hour again")
+            await self._republish()
             return 0
         if not found:
             return 0
