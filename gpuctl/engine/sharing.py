@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 #: How often the ledger is published and folded: the delay before another replica's
 #: ``/admin/usage`` shows a request (plus the request log's flush, done here first).
 PUBLISH_SECONDS = 1.0
+#: Leases are published again this often even unchanged, so a Redis that restarted empty
+#: has them back soon.
+LEASES_AGAIN_SECONDS = 5.0
 
 
 class SharedState:
@@ -57,6 +60,7 @@ class SharedState:
         self.leases = SharedLeases(client)
         self.ledger = LedgerShare(engine.store, Journal(client))
         self._published_leases = -1
+        self._leases_at = float("-inf")
         self._last_publish = float("-inf")
         self._was_leader = False
         engine.ledger.leading = lambda: lease.is_leader
@@ -80,9 +84,11 @@ class SharedState:
         engine = self.engine
         version = engine.lease_version
         wall = engine.clock.wall()
-        if version != self._published_leases:
+        if version != self._published_leases or (
+                time.monotonic() - self._leases_at >= LEASES_AGAIN_SECONDS):
             await self.leases.publish(engine.lease_records(), wall)
             self._published_leases = version
+            self._leases_at = time.monotonic()
         found = await self.leases.read([view.id for view in engine.gpus()], wall)
         before = engine.lease_version
         engine.merge_leases(found)

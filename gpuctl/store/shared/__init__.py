@@ -6,6 +6,9 @@ Each module holds one kind of shared state and says in its docstring what it gua
 - ``leader``: the leader lease with a fencing token (one writer toward the cloud).
 - ``actions``: cloud actions in flight and "wanted" wakes (fenced by the leader's token).
 - ``keys``: API keys and revocations, reaching every replica within a second.
+- ``leases``: every replica's leases per GPU (a later end wins).
+- ``journal``: one stream of ledger rows and learnt facts that every replica reads.
+- ``ledger``: a store's side of it: publish its own rows, fold in the others' once each.
 
 All of it uses the maintained ``redis`` package's asyncio client. Time that decides who
 holds what comes from the Redis server (``TIME`` inside the scripts), never from a
