@@ -431,17 +431,20 @@ class Engine:
         only grow), so routing affinity and idle pause see every replica's users. Returns
         how many changed."""
         now, wall = self.clock.now(), self.clock.wall()
+        longest = reservation_seconds(self.config)
         changed: set[str] = set()
         for record in records:
             gpu = self._gpus.get(record.gpu_id)
-            expires = now + record.expires_at - wall
+            # No lease here lasts longer than a full one from now: a replica's clock ahead,
+            # or a bad record, cannot keep a GPU up for longer.
+            seconds = min(record.seconds or longest, longest)
+            expires = min(now + record.expires_at - wall, now + seconds)
             if gpu is None or expires <= now:
                 continue
             held = self._leases.holders(record.gpu_id).get(record.user)
             if held is not None and held.expires >= expires - 1e-3:
                 continue  # ours ends as late (a millisecond of clock noise is no news)
-            self._leases.hold(record.gpu_id, record.user, expires,
-                              record.seconds or reservation_seconds(self.config))
+            self._leases.hold(record.gpu_id, record.user, expires, seconds)
             changed.add(record.gpu_id)
         for gpu_id in changed:
             self._roster.refile(self._gpus[gpu_id])

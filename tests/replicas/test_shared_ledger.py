@@ -5,7 +5,9 @@ has; folding twice keeps one row; the group's ledger still conserves every bille
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import json
 import math
 import time
 from collections.abc import AsyncIterator
@@ -71,6 +73,31 @@ async def test_shared_leases_merge_to_the_later_end_and_drop_ended_ones(
     assert 190 < await redis_client.ttl("gpuctl:leases:gpu-1") <= 201
 
 
+async def test_malformed_or_endless_leases_in_redis_cannot_keep_a_gpu_up(
+        redis_client: aioredis.Redis, tmp_path: Path) -> None:
+    """A broken (or hostile) writer of the lease hashes: garbage is skipped, and an end far
+    in the future counts as one full lease from now, no more."""
+    clock = FakeClock()
+    cloud = SimCloud(clock, resume_seconds=20, pause_seconds=10, ollama_seconds=2)
+    gpu = cloud.add("gpu-a", status="running", models=["llama3.2:latest"]).id
+    await redis_client.hset(f"gpuctl:leases:{gpu}", mapping={
+        "eve": "not a number", "mallory": "1e300 1e300", "nan": "nan 60", "trudy": "5"})
+    found = await SharedLeases(redis_client).read([gpu], now=clock.wall())
+    assert [(r.user, r.expires_at) for r in found] == [("mallory", 1e300)]
+    store = Store.open(tmp_path)
+    engine = Engine(_config(), cloud, store, clock=clock, nodes=cloud.node)
+    await engine.start()
+    try:
+        assert engine.merge_leases(found) == 1
+        (lease,) = engine.lease_records()
+        assert lease.expires_at == pytest.approx(clock.wall() + 60)  # reservation: 1 min
+        await clock.advance(90, step=5)
+        assert cloud.pause_calls == {gpu: 1}
+    finally:
+        await engine.stop()
+        store.close()
+
+
 async def test_a_follower_engine_keeps_a_gpu_another_replica_leases(tmp_path: Path) -> None:
     """The engine side of a shared lease: merged in, it keeps the GPU from idle pause and
     makes the leased GPU the holder's first choice here too."""
@@ -82,11 +109,12 @@ async def test_a_follower_engine_keeps_a_gpu_another_replica_leases(tmp_path: Pa
     engine = Engine(_config(), cloud, store, clock=clock, nodes=cloud.node)
     await engine.start()
     try:
+        await clock.advance(40, step=5)
         wall = clock.wall()
-        assert engine.merge_leases([LeaseRecord(b, "ann", wall + 300, 60.0)]) == 1
+        assert engine.merge_leases([LeaseRecord(b, "ann", wall + 60, 60.0)]) == 1
         # Merging the same (or an earlier) end again is no change.
-        assert engine.merge_leases([LeaseRecord(b, "ann", wall + 200, 60.0)]) == 0
-        await clock.advance(200, step=5)  # grace (1 min) over: gpu-a goes, gpu-b is held
+        assert engine.merge_leases([LeaseRecord(b, "ann", wall + 30, 60.0)]) == 0
+        await clock.advance(40, step=5)  # grace (1 min) over: gpu-a goes, gpu-b is held
         assert cloud.pause_calls == {a: 1}
         ticket = await engine.acquire("llama3.2", "ann")
         assert ticket.gpu_id == b
@@ -127,6 +155,32 @@ async def test_rows_published_by_one_store_are_folded_once_into_the_other(
     stores[1].conn.execute("UPDATE replica_state SET value = '0-0' WHERE key = 'journal_read'")
     assert await b.fold() == 0
     assert len(stores[1].requests(0, math.inf)) == 2
+
+
+async def test_entries_a_store_cannot_take_are_skipped_not_fatal(
+        redis_client: aioredis.Redis, stores: list[Store]) -> None:
+    """A broken or newer writer's entries: each is logged and skipped; the rows after them
+    still arrive, and the read position moves past them (no replica stuck on one)."""
+    journal = Journal(redis_client)
+    share = LedgerShare(stores[1], journal)
+    good = json.dumps(dataclasses.asdict(_row(300.0, "ann")))
+    for fields in ({"o": "x", "i": "1", "k": "request", "d": "{not json"},
+                   {"o": "x", "i": "2", "k": "request", "d": '{"at": "soon"}'},
+                   {"o": "x", "i": "3", "k": "event", "d": "[]"},
+                   {"o": "x", "i": "4", "k": "resume", "d": '{"gpu": "g"}'},
+                   {"o": "x", "i": "4b", "k": "load",
+                    "d": '{"model": "m", "seconds": NaN, "at": 1}'},
+                   {"o": "x", "i": "4c", "k": "models", "d": '{"gpu": "g", "models": "all"}'},
+                   {"o": "x", "i": "5", "k": "teleport", "d": "{}"},
+                   {"garbage": "only"},
+                   {"o": "x", "i": "6", "k": "request", "d": good}):
+        await redis_client.xadd(journal.key, fields)  # type: ignore[arg-type]
+    assert await share.fold() == 1
+    assert share.skipped == 8
+    assert stores[1].resume_history() == {} and stores[1].load_history() == {}
+    assert stores[1].known_models() == {}
+    assert [r.at for r in stores[1].requests(0, math.inf)] == [300.0]
+    assert await share.fold() == 0
 
 
 async def test_rows_made_while_redis_is_down_go_out_when_it_is_back(

@@ -17,6 +17,8 @@ back at the next publish of the replicas that hold them.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterable, Sequence
 
 import redis.asyncio as aioredis
@@ -25,6 +27,8 @@ from gpuctl.store.shared.connect import text, unreachable
 from gpuctl.store.store import LeaseRecord
 
 __all__ = ["SharedLeases"]
+
+log = logging.getLogger(__name__)
 
 _PUBLISH = """
 local now = tonumber(ARGV[1])
@@ -93,8 +97,11 @@ class SharedLeases:
         found: list[LeaseRecord] = []
         for gpu_id, fields in zip(gpu_ids, replies, strict=True):
             for user, value in fields.items():
-                ends, _, seconds = text(value).partition(" ")
-                if float(ends) > now:
-                    found.append(LeaseRecord(gpu_id, text(user), float(ends),
-                                             float(seconds or 0.0)))
+                try:
+                    ends, seconds = (float(v) for v in text(value).split())
+                except ValueError:  # not what any replica writes: ignored, never fatal
+                    log.warning("ignored a malformed lease on %s: %r", gpu_id, value)
+                    continue
+                if ends > now and math.isfinite(ends) and math.isfinite(seconds):
+                    found.append(LeaseRecord(gpu_id, text(user), ends, seconds))
         return found

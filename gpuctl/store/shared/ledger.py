@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import secrets
 import sqlite3
 import time
@@ -51,6 +52,31 @@ REPUBLISH_SECONDS = 3600.0
 
 _ROW_COLUMNS = tuple(f.name for f in fields(RequestRow))
 _EVENT_COLUMNS = ("gpu_id", "at", "status", "cause", "flavour")
+#: Each column's type as the dataclass declares it (``str | None`` may be null).
+_ROW_TYPES = tuple((f.name, str(f.type)) for f in fields(RequestRow))
+_EVENT_TYPES = (("gpu_id", "str"), ("at", "float"), ("status", "str"), ("cause", "str"),
+                ("flavour", "str"))
+
+
+def _typed(data: Any, columns: tuple[tuple[str, str], ...]) -> list[Any]:
+    """``data``'s values in column order, each of its column's type (finite numbers), or
+    ``ValueError``: another store's row is checked before it enters this one's ledger."""
+    if not isinstance(data, dict):
+        raise ValueError("not an object")
+    values: list[Any] = []
+    for name, kind in columns:
+        value = data.get(name)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is None and kind.endswith("| None"):
+            values.append(None)
+        elif kind.startswith("float") and number and math.isfinite(float(value or 0)):
+            values.append(float(value or 0))
+        elif (kind.startswith("str") and isinstance(value, str)) or (
+                kind.startswith("int") and number and isinstance(value, int)):
+            values.append(value)
+        else:
+            raise ValueError(f"{name} is not a {kind}: {value!r}")
+    return values
 
 
 class Learner(Protocol):
@@ -79,6 +105,7 @@ class LedgerShare:
         #: Counters for logs and tests.
         self.published = 0
         self.folded = 0
+        self.skipped = 0
 
     # -- the store's own rows out ----------------------------------------------------------
 
@@ -153,24 +180,37 @@ class LedgerShare:
         new = 0
         facts: list[Entry] = []
         with self._transaction():
-            for _, entry in found:
+            for entry_id, entry in found:
                 if entry.origin == self.origin:
                     continue
                 if entry.kind in ("request", "event"):
-                    new += self._fold_row(entry, learner)
+                    with self._skipping(entry_id, entry):
+                        new += self._fold_row(entry, learner)
                 else:
                     facts.append(entry)
             self._mark("journal_read", found[-1][0])
         with self._muted():  # each writes in its own transaction
             for entry in facts:
-                new += self._fold_fact(entry, learner)
+                with self._skipping("", entry):
+                    new += self._fold_fact(entry, learner)
         self.folded += new
         return new
+
+    @contextlib.contextmanager
+    def _skipping(self, entry_id: str, entry: Entry) -> Iterator[None]:
+        """An entry this store cannot take (a broken or newer writer) is logged and skipped:
+        stopping there would stop the ledger of the whole group for this replica."""
+        try:
+            yield
+        except (ValueError, KeyError, TypeError, AttributeError, sqlite3.Error) as exc:
+            self.skipped += 1
+            log.warning("skipped entry %s (%s from %s) of the shared ledger: %s",
+                        entry_id, entry.kind, entry.origin, exc)
 
     def _fold_row(self, entry: Entry, learner: Learner | None) -> int:
         data = json.loads(entry.data)
         if entry.kind == "request":
-            values = [data.get(c) for c in _ROW_COLUMNS]
+            values = _typed(data, _ROW_TYPES)
             cur = self.conn.execute(
                 f"INSERT OR IGNORE INTO request_log ({', '.join(_ROW_COLUMNS)}, origin) "
                 f"VALUES ({', '.join('?' for _ in _ROW_COLUMNS)}, ?)", (*values, entry.key))
@@ -179,27 +219,36 @@ class LedgerShare:
             return int(cur.rowcount > 0)
         cur = self.conn.execute(
             f"INSERT OR IGNORE INTO gpu_timeline ({', '.join(_EVENT_COLUMNS)}, origin) "
-            "VALUES (?, ?, ?, ?, ?, ?)", (*[data.get(c) for c in _EVENT_COLUMNS], entry.key))
+            "VALUES (?, ?, ?, ?, ?, ?)", (*_typed(data, _EVENT_TYPES), entry.key))
         return int(cur.rowcount > 0)
 
     def _fold_fact(self, entry: Entry, learner: Learner | None) -> int:
         data = json.loads(entry.data)
         kind = entry.kind
         if kind == "models":
-            self.store.save_models(data["gpu"], data["models"], data["at"])
+            gpu, at = _typed(data, (("gpu", "str"), ("at", "float")))
+            models = data.get("models")
+            if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+                raise ValueError(f"models is not a list of objects: {models!r}")
+            self.store.save_models(gpu, models, at)
             if learner is not None:
-                learner.learn_models(data["gpu"], data["models"])
+                learner.learn_models(gpu, models)
         elif kind == "resume":
-            self.store.record_resume(data["gpu"], data["seconds"], ok=bool(data["ok"]),
-                                     at=data["at"], reason=data.get("reason"))
+            gpu, seconds, at, reason = _typed(data, (
+                ("gpu", "str"), ("seconds", "float"), ("at", "float"), ("reason", "str | None")))
+            ok = data.get("ok") is True
+            self.store.record_resume(gpu, seconds, ok=ok, at=at, reason=reason)
             if learner is not None:
-                learner.learn_resume(data["gpu"], data["seconds"], ok=bool(data["ok"]))
+                learner.learn_resume(gpu, seconds, ok=ok)
         elif kind == "load":
-            self.store.record_load(data["model"], data["seconds"], data["at"])
+            model, seconds, at = _typed(data, (
+                ("model", "str"), ("seconds", "float"), ("at", "float")))
+            self.store.record_load(model, seconds, at)
             if learner is not None:
-                learner.learn_load(data["model"], data["seconds"])
+                learner.learn_load(model, seconds)
         else:
             log.warning("unknown kind %r in the shared ledger; skipped", kind)
+            self.skipped += 1
             return 0
         return 1
 
