@@ -5,6 +5,7 @@ Redis was down reach the others once it is back (even empty)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from pathlib import Path
@@ -137,3 +138,34 @@ def test_rows_made_while_redis_was_down_reach_the_other_replica(
             # The one before, the stream that finished in the outage, the two refused.
             until(lambda: rows_on_a() == [(200, "ok"), (200, "ok"), (503, "refused"),
                                           (503, "refused")], timeout=20)
+
+
+def test_a_wake_asked_by_a_follower_is_one_gateway_wake_on_every_replicas_timeline(
+        redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
+    """Only the leader writes the timeline: the follower's held request makes one
+    ``resuming`` event, caused by the gateway (not by hand), and the GPU's life reads the
+    same on both replicas' stores, every change once."""
+    with fleet(1) as f, replicas(gpuctl_process, f, redis_server.url, tmp_path, 2):
+        (gpu_id,) = f.models
+        (model,) = f.models.values()
+        leader = _leader_index(f, redis_server.url)
+        assert _chat(f.urls[1 - leader], model).status_code == 200
+        assert f.sim.cloud.resume_calls[gpu_id] == 1
+
+        def timelines() -> list[list[tuple[str, str]]]:
+            found = []
+            for i in range(2):
+                store = Store.open(tmp_path / f"replica-{i}")
+                try:
+                    found.append([(e.status, e.cause) for e in store.ledger.timeline(math.inf)
+                                  if e.gpu_id == gpu_id])
+                finally:
+                    store.close()
+            return found
+
+        until(lambda: (lambda t: t[0] == t[1] and ("ready", "observed") in t[0])(timelines()),
+              timeout=20)
+        events = timelines()[0]
+        assert [e for e in events if e[0] == "resuming"] == [("resuming", "gateway")]
+        # Each status change once: no two events in a row say the same.
+        assert all(a[0] != b[0] for a, b in itertools.pairwise(events))
