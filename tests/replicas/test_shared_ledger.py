@@ -163,20 +163,23 @@ async def test_entries_a_store_cannot_take_are_skipped_not_fatal(
     still arrive, and the read position moves past them (no replica stuck on one)."""
     journal = Journal(redis_client)
     share = LedgerShare(stores[1], journal)
-    good = json.dumps(dataclasses.asdict(_row(300.0, "ann")))
-    for fields in ({"o": "x", "i": "1", "k": "request", "d": "{not json"},
-                   {"o": "x", "i": "2", "k": "request", "d": '{"at": "soon"}'},
-                   {"o": "x", "i": "3", "k": "event", "d": "[]"},
-                   {"o": "x", "i": "4", "k": "resume", "d": '{"gpu": "g"}'},
-                   {"o": "x", "i": "4b", "k": "load",
-                    "d": '{"model": "m", "seconds": NaN, "at": 1}'},
-                   {"o": "x", "i": "4c", "k": "models", "d": '{"gpu": "g", "models": "all"}'},
-                   {"o": "x", "i": "5", "k": "teleport", "d": "{}"},
+    good = dataclasses.asdict(_row(300.0, "ann"))
+    for fields in ({"o": "x", "d": "[not json"},
+                   {"o": "x", "d": '{"a": "dict, not a list"}'},
+                   {"o": "x", "d": '[[1, 2]]'},
                    {"garbage": "only"},
-                   {"o": "x", "i": "6", "k": "request", "d": good}):
+                   {"o": "x", "d": json.dumps([
+                       ["1", "request", {"at": "soon"}],
+                       ["2", "request", {**good, "tokens_out": 1.5}],
+                       ["3", "event", []],
+                       ["4", "resume", {"gpu": "g"}],
+                       ["5", "load", {"model": "m", "seconds": float("nan"), "at": 1}],
+                       ["6", "models", {"gpu": "g", "models": "all", "at": 1}],
+                       ["7", "teleport", {}],
+                       ["8", "request", good]])}):
         await redis_client.xadd(journal.key, fields)  # type: ignore[arg-type]
     assert await share.fold() == 1
-    assert share.skipped == 8
+    assert share.skipped == 7
     assert stores[1].resume_history() == {} and stores[1].load_history() == {}
     assert stores[1].known_models() == {}
     assert [r.at for r in stores[1].requests(0, math.inf)] == [300.0]

@@ -24,7 +24,6 @@ unattributed = billed holds on every replica's store.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import secrets
@@ -36,7 +35,7 @@ from dataclasses import fields
 from typing import Any, Protocol
 
 from gpuctl.store.ledger import RequestRow
-from gpuctl.store.shared.journal import Entry, Journal
+from gpuctl.store.shared.journal import BATCH_FACTS, Entry, Journal
 from gpuctl.store.store import Store
 
 __all__ = ["BATCH", "Learner", "LedgerShare"]
@@ -112,40 +111,46 @@ class LedgerShare:
     def _tapped(self, kind: str, data: dict[str, Any]) -> None:
         self._ids += 1
         self._outbox.append(Entry(self.origin, f"x{secrets.token_hex(4)}{self._ids}", kind,
-                                  json.dumps(data)))
+                                  data))
 
     async def publish(self) -> int:
         """Send the rows and facts not yet published (one batch); how many went out."""
         self.store.flush()  # the request rows kept in memory become rows to publish
-        rows, row_top = self._unpublished("request_log", _ROW_COLUMNS, "published_r")
-        events, event_top = self._unpublished("gpu_timeline", _EVENT_COLUMNS, "published_t")
+        rows, row_low, row_top = self._unpublished("request_log", _ROW_COLUMNS, "published_r")
+        events, event_low, event_top = self._unpublished("gpu_timeline", _EVENT_COLUMNS,
+                                                         "published_t")
         facts = list(self._outbox)
-        entries = ([Entry(self.origin, f"r{r[0]}", "request", json.dumps(dict(
-                       zip(_ROW_COLUMNS, r[1:], strict=True)))) for r in rows]
-                   + [Entry(self.origin, f"t{e[0]}", "event", json.dumps(dict(
-                       zip(_EVENT_COLUMNS, e[1:], strict=True)))) for e in events]
+        entries = ([Entry(self.origin, f"r{r[0]}", "request",
+                          dict(zip(_ROW_COLUMNS, r[1:], strict=True))) for r in rows]
+                   + [Entry(self.origin, f"t{e[0]}", "event",
+                            dict(zip(_EVENT_COLUMNS, e[1:], strict=True))) for e in events]
                    + facts)
         if not entries:
             self._mark("published_r", row_top)
             self._mark("published_t", event_top)
             return 0
-        await self.journal.append(entries)
+        await self.journal.append(self.origin, entries)
         for _ in facts:
             self._outbox.popleft()
         with self._transaction():
-            self.conn.executemany("UPDATE request_log SET origin = ? WHERE rowid = ?",
-                                  [(f"{self.origin}:r{r[0]}", r[0]) for r in rows])
-            self.conn.executemany("UPDATE gpu_timeline SET origin = ? WHERE rowid = ?",
-                                  [(f"{self.origin}:t{e[0]}", e[0]) for e in events])
+            # Exactly the rows sent: those of the range with no origin (rows folded in since
+            # have one; rows written since are past the range).
+            for table, tag, low, top in (("request_log", "r", row_low, row_top),
+                                         ("gpu_timeline", "t", event_low, event_top)):
+                self.conn.execute(
+                    f"UPDATE {table} SET origin = ? || rowid "
+                    "WHERE rowid > ? AND rowid <= ? AND origin IS NULL",
+                    (f"{self.origin}:{tag}", low, top))
             self._mark("published_r", row_top)
             self._mark("published_t", event_top)
         self.published += len(entries)
         return len(entries)
 
     def _unpublished(self, table: str, columns: tuple[str, ...], mark_key: str,
-                     ) -> tuple[list[sqlite3.Row], int]:
-        """This store's rows of ``table`` with no origin after the mark (one batch), and
-        the mark to keep once they are out (every row up to it is out or not ours)."""
+                     ) -> tuple[list[sqlite3.Row], int, int]:
+        """This store's rows of ``table`` with no origin after the mark (one batch), the
+        mark, and the mark to keep once they are out (every row up to it is out or not
+        ours)."""
         top = int(self.conn.execute(f"SELECT COALESCE(MAX(rowid), 0) FROM {table}")
                   .fetchone()[0])
         mark = int(self._get(mark_key) or 0)
@@ -155,13 +160,14 @@ class LedgerShare:
             f"SELECT rowid, {', '.join(columns)} FROM {table} "
             "WHERE rowid > ? AND rowid <= ? AND origin IS NULL ORDER BY rowid LIMIT ?",
             (mark, top, BATCH)).fetchall()
-        return rows, (int(rows[-1][0]) if len(rows) == BATCH else top)
+        return rows, mark, (int(rows[-1][0]) if len(rows) == BATCH else top)
 
     # -- the others' rows in ---------------------------------------------------------------
 
     async def fold(self, learner: Learner | None = None) -> int:
         """Take in one batch of the journal written by other stores; how many were new."""
-        epoch, found = await self.journal.read(self._get("journal_read") or "0-0", BATCH)
+        epoch, found = await self.journal.read(self._get("journal_read") or "0-0",
+                                                max(1, BATCH // BATCH_FACTS))
         known = self._get("journal_epoch")
         if known is None:  # the first read of this store: from the start
             self._mark("journal_epoch", epoch)
@@ -180,14 +186,15 @@ class LedgerShare:
         new = 0
         facts: list[Entry] = []
         with self._transaction():
-            for entry_id, entry in found:
-                if entry.origin == self.origin:
-                    continue
-                if entry.kind in ("request", "event"):
-                    with self._skipping(entry_id, entry):
-                        new += self._fold_row(entry, learner)
-                else:
-                    facts.append(entry)
+            for entry_id, batch in found:
+                for entry in batch:
+                    if entry.origin == self.origin:
+                        break  # a batch of ours
+                    if entry.kind in ("request", "event"):
+                        with self._skipping(entry_id, entry):
+                            new += self._fold_row(entry, learner)
+                    else:
+                        facts.append(entry)
             self._mark("journal_read", found[-1][0])
         with self._muted():  # each writes in its own transaction
             for entry in facts:
@@ -208,7 +215,7 @@ class LedgerShare:
                         entry_id, entry.kind, entry.origin, exc)
 
     def _fold_row(self, entry: Entry, learner: Learner | None) -> int:
-        data = json.loads(entry.data)
+        data = entry.data
         if entry.kind == "request":
             values = _typed(data, _ROW_TYPES)
             cur = self.conn.execute(
@@ -223,7 +230,7 @@ class LedgerShare:
         return int(cur.rowcount > 0)
 
     def _fold_fact(self, entry: Entry, learner: Learner | None) -> int:
-        data = json.loads(entry.data)
+        data = entry.data
         kind = entry.kind
         if kind == "models":
             gpu, at = _typed(data, (("gpu", "str"), ("at", "float")))
@@ -265,9 +272,9 @@ class LedgerShare:
                     "WHERE at >= ? AND origin LIKE ? ORDER BY rowid", (since, own)):
                 ident = str(r[0]).rpartition(":")[2]
                 entries.append(Entry(self.origin, ident, kind,
-                                     json.dumps(dict(zip(columns, tuple(r)[1:], strict=True)))))
+                                     dict(zip(columns, tuple(r)[1:], strict=True))))
         for start in range(0, len(entries), BATCH):
-            await self.journal.append(entries[start:start + BATCH])
+            await self.journal.append(self.origin, entries[start:start + BATCH])
 
     # -- helpers ---------------------------------------------------------------------------
 
