@@ -325,7 +325,7 @@ class ReplicaSet:
     async def close(self) -> None:
         await self.keys.stop()
         if self.replica is not None:
-            await self.replica.stop()
-            if self.replica.sharing is not None:
+            if self.replica.sharing is not None:  # the last rows out before the lead goes
                 await self.replica.sharing.close()
+            await self.replica.stop()
         await self.client.aclose()

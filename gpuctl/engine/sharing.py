@@ -69,7 +69,8 @@ class SharedState:
         """One round: leases every time, the ledger every ``PUBLISH_SECONDS``."""
         leading = self.lease.is_leader
         if leading and not self._was_leader:
-            await self.ledger.fold(self.engine)  # the old leader's last events first
+            while await self.ledger.fold(self.engine):
+                pass  # the old leader's last events first
             self.engine.ledger.resync()
         self._was_leader = leading
         await self.sync_leases()

@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 from gpuctl.config import Config
 from gpuctl.engine import Engine, FakeClock, Ticket
 from gpuctl.engine.attribution import attribute
+from gpuctl.engine.sharing import SharedState
 from gpuctl.errors import Unavailable
 from gpuctl.sim.cloud import SimCloud
 from gpuctl.store import LeaseRecord, RequestRow, Store, TimelineEvent
-from gpuctl.store.shared import connect
+from gpuctl.store.shared import LeaderLease, connect
 from gpuctl.store.shared.journal import Journal
 from gpuctl.store.shared.leases import SharedLeases
 from gpuctl.store.shared.ledger import LedgerShare
@@ -345,3 +346,55 @@ def test_two_replicas_ledger_conserves_every_billed_second(
         cuts: list[float]) -> None:
     tmp = tmp_path_factory.mktemp("two")
     asyncio.run(_two_replicas(ops, cuts, redis_server.url, tmp))
+
+
+async def test_a_new_leader_carries_on_the_old_leaders_timeline_without_repeating_it(
+        redis_client: aioredis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leadership moves: the successor folds the old leader's events in and takes the last
+    one as its own, so the GPU's ``ready`` is not written twice and its idle pause is the
+    successor's action; each status change once, in one store as in the other."""
+    monkeypatch.setattr("gpuctl.engine.sharing.PUBLISH_SECONDS", 0.0)  # every step
+    clock = FakeClock()
+    cloud = SimCloud(clock, resume_seconds=20, pause_seconds=10, ollama_seconds=2)
+    gpu = cloud.add("gpu-a", models=["llama3.2:latest"]).id
+    stores = [Store.open(tmp_path / f"r{i}") for i in range(2)]
+    stores[0].save_models(gpu, [{"name": "llama3.2:latest", "model": "llama3.2:latest"}], 0)
+    engines = [Engine(_config(), cloud, s, clock=clock, nodes=cloud.node) for s in stores]
+    leases = [LeaderLease(redis_client, f"r{i}", lease_seconds=60) for i in range(2)]
+    sharing = [SharedState(e, redis_client, lease) for e, lease in zip(engines, leases,
+                                                                        strict=True)]
+    engines[1].config.gpu.auto_pause = False
+    assert await leases[0].step() and not await leases[1].step()
+    try:
+        for engine in engines:
+            await engine.start()
+        for share in sharing:
+            await share.step()
+        row = engines[0].begin_request("key_ann", "ann", "/api/chat", "llama3.2")
+        task = asyncio.ensure_future(engines[0].acquire("llama3.2", "ann", request=row))
+        await clock.advance_until(task.done, limit=300, step=1)  # a wake, by r0
+        ticket = task.result()
+        engines[0].release(ticket)
+        engines[0].end_request(row, 200)
+        await clock.advance(10, step=5)
+        await sharing[0].close()  # r0 stops (publishing what it has), r1 takes over
+        await leases[0].resign()
+        assert await leases[1].step()
+        engines[1].config.gpu.auto_pause = True
+        engines[0].config.gpu.auto_pause = False
+        await sharing[1].step()
+        await clock.advance(200, step=5)  # ann's lease (1 min) ends: r1 pauses the GPU
+        await sharing[1].step()  # r1 publishes its pause...
+        await sharing[0].step()  # ...and r0 folds it in
+        assert cloud.pause_calls == {gpu: 1}
+        timelines = [[(e.status, e.cause) for e in s.ledger.timeline(math.inf)]
+                     for s in stores]
+        assert timelines[0] == timelines[1]
+        assert timelines[1] == [("paused", "outside"), ("resuming", "gateway"),
+                                ("running", "observed"), ("ready", "observed"),
+                                ("pausing", "gateway"), ("paused", "observed")]
+    finally:
+        for engine in engines:
+            await engine.stop()
+        for store in stores:
+            store.close()
