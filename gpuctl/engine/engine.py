@@ -466,6 +466,11 @@ class Engine:
         """Another replica's finished request: the running cost counters count it too."""
         self._meter.add(row)
 
+    def lag_meter(self, seconds: float) -> None:
+        """Let the running cost counters close time only ``seconds`` behind now, so rows
+        that other replicas' journal brings late still count (``learn_request``)."""
+        self._meter.lag = seconds
+
     async def _acquire(
         self, model: str, user: str, *, progress: ProgressCallback | None = None,
         request: RequestRow | None = None,

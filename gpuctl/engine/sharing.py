@@ -12,6 +12,9 @@ network round trip happens here, in the background, in batches, never on a reque
   the journal; the other replicas' are folded into this store and into the engine's
   estimates and model catalog (``Engine.learn_*``), so a follower's estimate of a cold
   start uses the resume time the leader learnt.
+- **Cost counters**: other replicas' request rows go into the engine's running cost
+  counters too (``/metrics``, budgets), which close time ``METER_LAG_SECONDS`` behind now
+  so that those rows, a round or two late, are still counted.
 - **One timeline writer**: the engine's ledger writes the GPU timeline only while this
   replica leads (``Ledger.leading``). A replica that takes the lead folds first, then
   re-reads each GPU's last event (``Ledger.resync``), so it neither repeats nor misses one.
@@ -49,6 +52,9 @@ PUBLISH_SECONDS = 1.0
 #: Leases are published again this often even unchanged, so a Redis that restarted empty
 #: has them back soon.
 LEASES_AGAIN_SECONDS = 5.0
+#: How far behind now the running cost counters (``/metrics``, budgets) close time, so
+#: the other replicas' rows, a publish round or two late, are counted too.
+METER_LAG_SECONDS = 10.0
 
 
 class SharedState:
@@ -64,6 +70,7 @@ class SharedState:
         self._last_publish = float("-inf")
         self._was_leader = False
         engine.ledger.leading = lambda: lease.is_leader
+        engine.lag_meter(METER_LAG_SECONDS)
 
     async def step(self) -> None:
         """One round: leases every time, the ledger every ``PUBLISH_SECONDS``."""

@@ -398,3 +398,39 @@ async def test_a_new_leader_carries_on_the_old_leaders_timeline_without_repeatin
             await engine.stop()
         for store in stores:
             store.close()
+
+
+async def test_the_cost_counters_count_another_replicas_requests_that_arrive_late(
+        redis_client: aioredis.Redis, tmp_path: Path) -> None:
+    """``/metrics`` and budgets read the engine's running counters, which attribute each
+    piece of time once: a replica's counters wait for the others' rows (folded seconds
+    later) before they close the time those rows served in."""
+    clock = FakeClock()
+    cloud = SimCloud(clock, resume_seconds=20, pause_seconds=10, ollama_seconds=2)
+    cloud.add("gpu-a", status="running", models=["llama3.2:latest"])
+    stores = [Store.open(tmp_path / f"r{i}") for i in range(2)]
+    engines = [Engine(_config(), cloud, s, clock=clock, nodes=cloud.node) for s in stores]
+    lease = LeaderLease(redis_client, "r0")
+    assert await lease.step()
+    here = SharedState(engines[0], redis_client, lease)
+    there = LedgerShare(stores[1], Journal(redis_client))
+    try:
+        for engine in engines:
+            await engine.start()
+        await clock.advance(20, step=5)
+        row = engines[1].begin_request("key_bob", "bob", "/api/chat", "llama3.2")
+        ticket = await engines[1].acquire("llama3.2", "bob", request=row)  # served there
+        await clock.advance(4, step=1)
+        engines[1].release(ticket)
+        engines[1].end_request(row, 200)
+        await clock.advance(6, step=1)  # a tick here has passed the request's end...
+        await there.publish()
+        await here.ledger.fold(engines[0])  # ...before its row arrives
+        await clock.advance(30, step=5)
+        users = engines[0].cost_metrics().users
+        assert users[("bob", "serving")] == pytest.approx(4.0, abs=1e-3)
+    finally:
+        for engine in engines:
+            await engine.stop()
+        for store in stores:
+            store.close()
