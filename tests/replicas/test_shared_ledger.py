@@ -152,10 +152,17 @@ async def test_rows_published_by_one_store_are_folded_once_into_the_other(
         assert [(r.user, r.tokens_out) for r in store.requests(0, math.inf)] == [
             ("ann", 7), ("bob", 7)]
         assert [e.status for e in store.ledger.timeline(math.inf)] == ["ready"]
+    # The users' totals (``gpuctl keys list``) count the requests folded in (a store's own
+    # come from its engine's release, which these rows, written directly, did not pass).
+    assert {u: (t.requests, t.tokens_out, t.gpu_seconds) for u, t in stores[0].usage().items()
+            } == {"bob": (1, 7, 2.0)}
+    assert {u: (t.requests, t.tokens_out, t.gpu_seconds) for u, t in stores[1].usage().items()
+            } == {"ann": (1, 7, 2.0)}
     # The journal read again from the start (a lost read position): still one of each.
     stores[1].conn.execute("UPDATE replica_state SET value = '0-0' WHERE key = 'journal_read'")
     assert await b.fold() == 0
     assert len(stores[1].requests(0, math.inf)) == 2
+    assert stores[1].usage()["ann"].requests == 1
 
 
 async def test_entries_a_store_cannot_take_are_skipped_not_fatal(

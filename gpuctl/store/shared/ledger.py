@@ -221,9 +221,18 @@ class LedgerShare:
             cur = self.conn.execute(
                 f"INSERT OR IGNORE INTO request_log ({', '.join(_ROW_COLUMNS)}, origin) "
                 f"VALUES ({', '.join('?' for _ in _ROW_COLUMNS)}, ?)", (*values, entry.key))
-            if cur.rowcount and learner is not None:
-                learner.learn_request(RequestRow(*values))
-            return int(cur.rowcount > 0)
+            if not cur.rowcount:
+                return 0
+            row = RequestRow(*values)
+            if row.gpu_id is not None and row.served_at is not None:
+                # A request that held a slot there: the user's totals (``keys list``) too,
+                # as the serving replica's own store counts it.
+                self.store.record_usage(row.user, tokens_in=row.tokens_in,
+                                        tokens_out=row.tokens_out, gpu_seconds=row.service_s,
+                                        at=row.served_at + row.service_s)
+            if learner is not None:
+                learner.learn_request(row)
+            return 1
         cur = self.conn.execute(
             f"INSERT OR IGNORE INTO gpu_timeline ({', '.join(_EVENT_COLUMNS)}, origin) "
             "VALUES (?, ?, ?, ?, ?, ?)", (*_typed(data, _EVENT_TYPES), entry.key))
