@@ -52,6 +52,9 @@ PUBLISH_SECONDS = 1.0
 #: Leases are published again this often even unchanged, so a Redis that restarted empty
 #: has them back soon.
 LEASES_AGAIN_SECONDS = 5.0
+#: Most publish or fold calls in one round (each a batch of ``ledger.BATCH``; each awaits
+#: Redis, so requests are served between them).
+MAX_CALLS = 50
 #: How far behind now the running cost counters (``/metrics``, budgets) close time, so
 #: the other replicas' rows, a publish round or two late, are counted too.
 METER_LAG_SECONDS = 10.0
@@ -76,16 +79,24 @@ class SharedState:
         """One round: leases every time, the ledger every ``PUBLISH_SECONDS``."""
         leading = self.lease.is_leader
         if leading and not self._was_leader:
-            while await self.ledger.fold(self.engine):
-                pass  # the old leader's last events first
+            await self._fold()  # the old leader's last events first
             self.engine.ledger.resync()
         self._was_leader = leading
         await self.sync_leases()
         if time.monotonic() - self._last_publish >= PUBLISH_SECONDS:
             self._last_publish = time.monotonic()
-            await self.ledger.publish()
-            while await self.ledger.fold(self.engine):
-                pass  # catch up in batches (a replica that joins late, or came back)
+            for _ in range(MAX_CALLS):  # small batches, the loop serving between them
+                if not await self.ledger.publish():
+                    break
+            await self._fold()
+
+    async def _fold(self) -> None:
+        """Fold in what the journal has, batch by batch (a replica that joined late or came
+        back catches up over a few rounds, never in one long pause of the event loop)."""
+        for _ in range(MAX_CALLS):
+            await self.ledger.fold(self.engine)
+            if not self.ledger.behind:
+                break
 
     async def sync_leases(self) -> None:
         """Publish this engine's leases if they changed; merge in everyone's."""

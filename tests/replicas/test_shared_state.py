@@ -125,7 +125,7 @@ def test_rows_made_while_redis_was_down_reach_the_other_replica(
                     return (await running).status_code, refused
 
             finished, refused = asyncio.run(asyncio.wait_for(outage(), 60))
-            assert (finished, refused) == (200, [503, 503])
+            assert (finished, refused) == (200, [503, 503]), (finished, refused)
             redis_server.start()  # same port, empty: the journal is gone too
 
             def rows_on_a() -> list[tuple[int, str]]:
