@@ -38,6 +38,11 @@ SESSION_GAP = 1800.0
 BIN = 900.0
 #: A user's own gaps weigh against this many of the group's (pooled) gaps.
 PRIOR = 20.0
+#: Users with fewer gaps than this borrow the group's table outright.
+MIN_OWN_GAPS = 5
+#: At most this many users get a table of their own (the most recently active): a gateway
+#: with thousands of keys keeps the forecast's memory and relearning time bounded.
+MAX_USERS = 500
 #: A gap's weight halves with each this many seconds of age: habits drift, and what a
 #: person did this week says more than what they did three weeks ago.
 HALF_LIFE = 2 * 86_400.0
@@ -117,8 +122,10 @@ def learn_forecast(
             last_end = max(last_end, end)
         gaps[user] = sorted(mine)
     pooled = _survival(sorted(g for mine in gaps.values() for g in mine), steps)
-    users = {user: _mixed(_survival(mine, steps), _weight(mine), pooled)
-             for user, mine in gaps.items()}
+    regulars = sorted((u for u, mine in gaps.items() if len(mine) >= MIN_OWN_GAPS),
+                      key=lambda u: by_user[u][-1][0], reverse=True)[:MAX_USERS]
+    users = {user: _mixed(_survival(gaps[user], steps), _weight(gaps[user]), pooled)
+             for user in regulars}
     return Forecast(users=users, pooled=pooled, rate=_rates(starts, span), people=len(by_user))
 
 

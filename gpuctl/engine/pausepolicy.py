@@ -81,8 +81,9 @@ RELEARN_SECONDS = 3600.0
 #: lease; higher values buy fewer waits with GPU-hours.
 WAIT_PENALTY = 0.3
 #: The forecast re-decides to keep a GPU up at most this often (a decision is a few
-#: hundred multiplications; the engine asks on every tick).
-RECHECK_SECONDS = 20.0
+#: hundred multiplications; the engine asks on every tick, ``poll_interval_seconds``).
+#: Every second of delay is billed once per pause, so no more than half a default tick.
+RECHECK_SECONDS = 5.0
 
 Decision = bool | None  # True: pause now; False: keep up; None: no opinion (use leases)
 
@@ -343,12 +344,21 @@ class PausePolicy:
 
     def _silent(self, key: tuple[str, ...], now: float) -> dict[str, float]:
         """The users whose last request for a model of ``key`` ended within
-        ``SESSION_GAP``, with how long ago."""
+        ``SESSION_GAP``, with how long ago. Users silent longer are forgotten here (their
+        return is a new session, which the forecast's rate covers), so this stays as small
+        as the set of people active in the last half hour."""
         out: dict[str, float] = {}
+        gone = []
         for user, models in self._last.items():
+            latest = max(models.values())
+            if now - latest >= SESSION_GAP:
+                gone.append(user)
+                continue
             ended = max((models.get(m, -math.inf) for m in key), default=-math.inf)
             if now - ended < SESSION_GAP:
                 out[user] = max(0.0, now - ended)
+        for user in gone:
+            del self._last[user]
         return out
 
     def wanted(self, key: tuple[str, ...], now: float, lead: float, breakeven: float) -> bool:

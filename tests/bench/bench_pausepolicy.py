@@ -51,7 +51,10 @@ def main(shapes: list[str], seeds: list[int], settings: list[str], jobs: int) ->
     with ProcessPoolExecutor(jobs) as pool:
         results = list(pool.map(one, work))
     cpu = sum(r[-1] for r in results)
-    print(f"{len(results)} replays, {cpu:.0f} s CPU; GPU-h / requests that waited for a wake")
+    slowest = max(results, key=lambda r: r[-1])
+    print(f"{len(results)} replays, {cpu:.0f} s CPU (slowest: {slowest[0]} {slowest[1]} "
+          f"{slowest[2]}, {slowest[-1] / 7:.1f} s CPU per day); "
+          "GPU-h / requests that waited for a wake")
     head = " | ".join(f"{'lease ' + s if s != 'adaptive' else s:>13}" for s in settings)
     print(f"| {'week':<16} | {head} | {'optimum':>8} |")
     for shape in shapes:

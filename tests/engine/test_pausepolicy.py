@@ -8,7 +8,7 @@ import pytest
 
 from gpuctl.config import Config, ScheduleEntry
 from gpuctl.engine import GpuState
-from gpuctl.engine.arrivals import STEP, learn_forecast
+from gpuctl.engine.arrivals import MAX_USERS, SESSION_GAP, STEP, learn_forecast
 from gpuctl.engine.pausepolicy import (
     PausePolicy,
     Schedules,
@@ -73,6 +73,29 @@ def test_new_sessions_are_expected_when_history_starts_them() -> None:
     # Nobody active lately: at 3:00 nothing is expected; at 8:59 someone likely comes.
     assert forecast.survival({}, at(14, 3), 1800)[-1] == 1.0
     assert forecast.survival({}, at(14, 8.99), 1800)[-1] < 1.0
+
+
+def test_a_flood_of_keys_keeps_the_forecast_and_the_policy_bounded() -> None:
+    # Thousands of one-off users (a leaked key spread around, a class each with a key)
+    # and more regulars than the cap: tables only for the most recently active regulars.
+    past = [(f"once{n}", at(0, 9) + n, at(0, 9) + n + 1) for n in range(5_000)]
+    for n in range(MAX_USERS + 50):
+        past += [(f"regular{n}", at(1, 9) + n + k * 100, at(1, 9) + n + k * 100 + 5)
+                 for k in range(6)]
+    forecast = learn_forecast(past, now=at(7, 0), span=7 * DAY, reach=3600)
+    assert len(forecast.users) == MAX_USERS
+    assert "once1" not in forecast.users and f"regular{MAX_USERS + 49}" in forecast.users
+    assert forecast.people == 5_000 + MAX_USERS + 50
+    policy = PausePolicy(adaptive())
+    for user, start, end in past:
+        policy.observe("m", start, end, user)
+    policy.observe("m", at(8, 9), at(8, 9) + 5, "alice")
+    policy.observe("m", at(8, 9), at(8, 9) + 5, "bob")
+    policy.pause_idle(key=("m",), name="g", gpu_id="g", idle_since=at(8, 9) + 5,
+                      now=at(8, 9) + 120, breakeven=185, resume=125, level=0)
+    # Everyone silent past a session gap is forgotten by the live view; alice and bob stay.
+    assert set(policy._last) == {"alice", "bob"}
+    assert at(8, 9) + 120 - at(1, 10) > SESSION_GAP
 
 
 def test_keeping_up_is_worth_it_only_when_a_request_is_likely_before_break_even() -> None:
