@@ -235,6 +235,30 @@ async def test_adaptive_pauses_soon_where_history_says_nobody_comes_back(fleet: 
     assert fleet.cloud.total_pauses == 1  # not the 10-minute lease
 
 
+async def test_adaptive_waits_for_a_known_thinker_then_lets_the_gpu_go(fleet: Fleet) -> None:
+    fleet.configure(timing={"pause_policy": "adaptive", "reservation_minutes": 30})
+    fleet.cloud.add("gpu-a", status="running")
+    engine = await fleet.start()
+    now = fleet.clock.wall()  # Friday 08:00
+    past = []
+    for day in range(1, 9):  # eight mornings of a session: 12 questions 3 minutes apart
+        begin = now - day * DAY
+        past += [("llama3.2:latest", begin + n * 190, begin + n * 190 + 10, "alice")
+                 for n in range(12)]
+    engine.learn_from(past)
+    for _ in range(3):  # her session today: each question finds the GPU up
+        ticket = await engine.acquire("llama3.2", "alice")
+        assert ticket.waited_seconds == 0
+        engine.release(ticket)
+        await fleet.advance(170, step=10)  # she thinks for three minutes
+        assert fleet.cloud.total_pauses == 0
+    # Then she stops: once she is silent well past her think time the GPU is paused, long
+    # before her 30-minute lease would have let it go.
+    took = await fleet.until(lambda: fleet.cloud.total_pauses == 1, limit=1800,
+                             step=10)
+    assert took < 600
+
+
 async def test_adaptive_keeps_to_the_lease_until_it_has_a_week_of_history(fleet: Fleet) -> None:
     fleet.configure(timing={"pause_policy": "adaptive"})
     fleet.cloud.add("gpu-a", status="running")
