@@ -190,7 +190,7 @@ class Engine:
         if self._policy.adaptive:
             # The request log is the pause policy's memory across restarts.
             self.learn_from(
-                (row.model, start, start + row.service_s)
+                (row.model, start, start + row.service_s, row.user)
                 for row in self.store.requests(wall - POLICY_HISTORY_SECONDS, wall)
                 if row.outcome != "refused" and row.service_s > 0
                 for start in (row.served_at or row.at,)
@@ -676,7 +676,7 @@ class Engine:
         if failed is None:
             if self._policy.adaptive:
                 wall = self.clock.wall()
-                self._policy.observe(grant.model, wall - held, wall)
+                self._policy.observe(grant.model, wall - held, wall, grant.user)
             self._estimator.record_service(grant.model, held)
             load = usage.load_seconds if usage is not None else None
             if load is not None and LOAD_SECONDS <= load <= MAX_LOAD_SECONDS:
@@ -693,11 +693,11 @@ class Engine:
         self._roster.refile(gpu)
         self._drain(gpu)
 
-    def learn_from(self, requests: Iterable[tuple[str, float, float]]) -> None:
-        """History for the pause policy: (model, start, end) of past requests, wall seconds
-        (the request log at start; a replay's week before)."""
-        for model, start, end in requests:
-            self._policy.observe(model, start, end)
+    def learn_from(self, requests: Iterable[tuple[str, float, float, str]]) -> None:
+        """History for the pause policy: (model, start, end, user) of past requests, wall
+        seconds (the request log at start; a replay's week before)."""
+        for model, start, end, user in requests:
+            self._policy.observe(model, start, end, user)
 
     def _unhold(self, user: str, gpu_id: str) -> None:
         held = self._held.get(user)

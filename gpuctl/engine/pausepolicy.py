@@ -5,17 +5,17 @@ Every lease length is one point on the same trade between GPU-hours and people w
 a resume. ``"adaptive"`` learns the group's rhythm to do better than any one point:
 
 - It keeps, per group of twin GPUs (the same models), the requests it has seen (from the
-  request log at start, ``observe`` as it runs) and derives the idle gaps between busy
-  periods and when they began, by hour of the day (weekdays pooled, weekends pooled).
-- For each such hour it picks how long an idle GPU stays up (``keep_alive``): the length
-  that would have cost least over the gaps that began in that hour, counting for each gap
-  either the idle time kept up, or a pause and a resume (the break-even, in GPU-seconds)
-  plus a penalty for each request that would then have waited for the wake. So a GPU stays
-  up through a gap when the next request was likely to come before the break-even point,
-  and pauses at once when it was not. The penalty is tuned on the history itself: the
-  smallest with which no more requests would have waited than under a fixed lease of
-  ``timing.max_idle_minutes``. An hour with fewer than ``MIN_GAPS`` gaps gets the choice
-  for all gaps together (one week of a few gaps an hour is mostly noise).
+  request log at start, ``observe`` as it runs): who asked, when, for how long.
+- Keep-alive, re-decided as the silence grows: from that history, ``arrivals`` forecasts
+  the chance that no request has come t seconds from now, from who was active lately (each
+  person's own gaps between requests: a think time of a minute or five, or the end of a
+  session) and the rate of new sessions at this time of the week. An idle GPU stays up
+  while, for some k, keeping it up until the next request or k seconds (the expected idle
+  time) costs less than pausing now would should a request come within k (a pause and a
+  resume, the break-even, plus ``WAIT_PENALTY`` break-evens for each request that would
+  wait); else it pauses at once. So a known thinker is waited for through their think
+  time, and a GPU whose users have all gone quiet past theirs at an hour when few sessions
+  start is paused a minute after the last answer.
 - Pre-warm: where history shows ``PILEUP`` or more requests piling up behind the wake that
   ended a long quiet (a batch started every Tuesday night), at the same time of the week
   in at least two weeks and half the weeks of history, a GPU of the group is woken a
@@ -42,66 +42,62 @@ from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 from gpuctl.config import Config, ScheduleEntry, minutes_of, parse_days
+from gpuctl.engine.arrivals import SESSION_GAP, STEP, Forecast, learn_forecast
 
 __all__ = [
     "MIN_IDLE_SECONDS",
     "PILEUP",
+    "WAIT_PENALTY",
     "Decision",
     "PausePolicy",
     "Schedules",
     "Tables",
     "learn",
+    "worth_keeping",
 ]
 
 #: An idle GPU is never paused sooner than this (a pause and a resume take minutes).
 MIN_IDLE_SECONDS = 60.0
-#: An hour needs this many gaps in history to get a keep-alive of its own.
-MIN_GAPS = 30
 #: History needed before the adaptive policy decides anything.
 WEEK = 7 * 86_400.0
 #: Requests kept per group (about a month of a busy group).
 KEEP_REQUESTS = 100_000
 #: A wake that this many requests would wait for is a pile-up worth pre-warming for.
 PILEUP = 5
-#: A pre-warm window reaches this far either side of when the pile-up came.
+#: Pile-ups this close in the week (in different weeks) are one habit.
 PREWARM_MARGIN = 900.0
+#: A pre-warm window opens this long before the earliest pile-up of its habit.
+PREWARM_LEAD = 300.0
 #: A GPU that came up this long after a window began was not woken for it.
 PREWARM_SLACK = 300.0
 #: A gap at least this long is "quiet": any sensible policy paused through it.
 QUIET_SECONDS = 1800.0
 #: How often the tables are learnt again from what was observed.
 RELEARN_SECONDS = 3600.0
-#: Keep-alive lengths tried per hour.
-_CANDIDATES = (60.0, 120.0, 180.0, 300.0, 420.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0)
-#: Wait penalties tried (in break-evens): the smallest that meets the waiting target wins.
-_PENALTIES = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
+
+#: What a request that waits for a wake costs, in break-evens of GPU time. Chosen on
+#: synthetic weeks never judged (seed 4 of both shapes, ``tests/bench/bench_pausepolicy.py``):
+#: 0.3 was the cheapest at which the group week made fewer requests wait than a 30-minute
+#: lease; higher values buy fewer waits with GPU-hours.
+WAIT_PENALTY = 0.3
+#: The forecast re-decides to keep a GPU up at most this often (a decision is a few
+#: hundred multiplications; the engine asks on every tick, ``poll_interval_seconds``).
+#: Every second of delay is billed once per pause, so no more than half a default tick.
+RECHECK_SECONDS = 5.0
 
 Decision = bool | None  # True: pause now; False: keep up; None: no opinion (use leases)
-
-
-def _bucket(wall: float) -> int:
-    """Hour of the day, weekdays 0–23 and weekends 24–47 (UTC)."""
-    day, seconds = divmod(wall, 86_400.0)
-    weekday = (int(day) + 3) % 7  # 1970-01-01 was a Thursday
-    return int(seconds // 3600) + (24 if weekday >= 5 else 0)
 
 
 @dataclass
 class Tables:
     """What was learnt for one group of twins."""
 
-    #: Per ``_bucket`` (hour of a weekday or of a weekend day, UTC): seconds an idle first
-    #: GPU of the group stays up.
-    keep_alive: list[float]
+    #: When the next request is likely to come (``arrivals``).
+    forecast: Forecast
     #: Hour-of-week windows ((start, end) seconds after Monday 00:00 UTC) the group's first
     #: GPU should be warm in.
     prewarm: list[tuple[float, float]]
-    penalty: float  # the wait penalty chosen, in break-evens (for the curious)
     span: float  # seconds of history learnt from
-
-    def keep(self, since: float) -> float:
-        """How long a GPU idle since ``since`` (wall seconds) stays up."""
-        return self.keep_alive[_bucket(since)]
 
 
 @dataclass
@@ -139,36 +135,17 @@ def _gaps(busy: list[tuple[float, float]], resume: float) -> list[_Gap]:
 
 
 def learn(
-    busy: Iterable[tuple[float, float]], *, breakeven: float, resume: float, max_idle: float,
-    span: float,
+    requests: Iterable[tuple[str, float, float]], *, resume: float, max_idle: float,
+    span: float, now: float,
 ) -> Tables:
-    """The keep-alive per hour and the pre-warm windows, from the busy intervals (start,
-    end, wall seconds) of a group's past requests; see the module docstring."""
-    gaps = _gaps(list(busy), resume)
-    prewarm = _prewarm_windows(gaps, span)
-    candidates = sorted({k for k in _CANDIDATES if MIN_IDLE_SECONDS <= k <= max_idle}
-                        | {max(MIN_IDLE_SECONDS, max_idle)})
-    target = sum(g.waiters for g in gaps if g.length > max_idle)
-    per_bucket: dict[int, list[_Gap]] = {}
-    for gap in gaps:
-        per_bucket.setdefault(_bucket(gap.start), []).append(gap)
-    best: tuple[list[float], float] | None = None
-    for penalty in _PENALTIES:
-        # An hour with too few gaps in history to tell it from the rest gets what suits
-        # all the gaps together (one week of a few gaps an hour is mostly noise).
-        pooled = min((_cost(gaps, c, breakeven, penalty * breakeven), c)
-                     for c in candidates)[1] if gaps else max_idle
-        keep = [pooled] * 48
-        for bucket, items in per_bucket.items():
-            if len(items) >= MIN_GAPS:
-                keep[bucket] = min((_cost(items, c, breakeven, penalty * breakeven), c)
-                                   for c in candidates)[1]
-        cold = sum(g.waiters for g in gaps if g.length > keep[_bucket(g.start)])
-        best = (keep, penalty)
-        if cold <= target:
-            break
-    assert best is not None
-    return Tables(keep_alive=best[0], prewarm=prewarm, penalty=best[1], span=span)
+    """The forecast and the pre-warm windows at ``now``, from (user, start, end) of a
+    group's past requests (wall seconds); see the module docstring."""
+    mine = list(requests)
+    gaps = _gaps([(start, end) for _, start, end in mine], resume)
+    return Tables(
+        forecast=learn_forecast(mine, now=now, span=span, reach=SESSION_GAP + max_idle),
+        prewarm=_prewarm_windows(gaps, span), span=span,
+    )
 
 
 def _week_seconds(wall: float) -> float:
@@ -198,17 +175,20 @@ def _waiting_for_pileup(windows: list[tuple[float, float]], idle_since: float,
 def _prewarm_windows(gaps: list[_Gap], span: float) -> list[tuple[float, float]]:
     """Where in the week a pile-up came after a quiet (``PILEUP`` or more requests arriving
     within a resume of the first), in at least two weeks and half the weeks of history (one
-    week cannot tell a habit from a one-off): the window is ``PREWARM_MARGIN`` either side
-    of it, merged with its neighbours."""
+    week cannot tell a habit from a one-off; pile-ups count as the same habit within
+    ``PREWARM_MARGIN`` of each other): the window spans the pile-ups of the habit and
+    ``PREWARM_LEAD`` before the first, merged with its neighbours. Each window is GPU time
+    spent idling until the pile-up comes, so it is no wider than history shows."""
     weeks = max(1, round(span / WEEK))
     events = [(_week_seconds(g.start + g.length), math.floor((g.start + g.length) / WEEK))
               for g in gaps if g.length >= QUIET_SECONDS and g.waiters >= PILEUP]
     windows: list[tuple[float, float]] = []
     for at, _ in events:
-        support = {week for other, week in events
-                   if min(abs(other - at), WEEK - abs(other - at)) <= PREWARM_MARGIN}
-        if len(support) >= max(2, math.ceil(weeks / 2)):
-            windows.append((at - PREWARM_MARGIN, at + PREWARM_MARGIN))
+        near = [(at + _offset(other - at), week) for other, week in events
+                if abs(_offset(other - at)) <= PREWARM_MARGIN]
+        if len({week for _, week in near}) >= max(2, math.ceil(weeks / 2)):
+            windows.append((min(t for t, _ in near) - PREWARM_LEAD,
+                            max(t for t, _ in near) + PREWARM_LEAD))
     windows.sort()
     merged: list[tuple[float, float]] = []
     for start, end in windows:
@@ -219,17 +199,21 @@ def _prewarm_windows(gaps: list[_Gap], span: float) -> list[tuple[float, float]]
     return [(s + WEEK, e + WEEK) if s < 0 else (s, e) for s, e in merged]
 
 
-def _cost(items: list[_Gap], keep: float, breakeven: float, penalty: float) -> float:
-    """GPU-seconds (and wait penalties) of keeping an idle GPU up ``keep`` seconds through
-    each gap of ``items``: the gap if it is shorter, else the time kept up, a pause and a
-    resume, and the penalty for each request that then waits."""
-    total = 0.0
-    for gap in items:
-        if gap.length <= keep:
-            total += gap.length
-        else:
-            total += keep + breakeven + penalty * gap.waiters
-    return total
+def _offset(delta: float) -> float:
+    """``delta`` seconds of the week, folded to the nearest way round (-half a week..)."""
+    return (delta + WEEK / 2) % WEEK - WEEK / 2
+
+
+def worth_keeping(survival: list[float], cost: float) -> bool:
+    """Keep an idle GPU up: for some k, staying up until the next request or k seconds
+    (expected time up: the area under ``survival`` to k) costs less than what pausing now
+    costs should a request come within k (``cost``: a pause, a resume and the waits)."""
+    area = 0.0
+    for k in range(1, len(survival)):
+        area += survival[k - 1] * STEP
+        if area < (1.0 - survival[k]) * cost:
+            return True
+    return False
 
 
 class Schedules:
@@ -280,22 +264,28 @@ class PausePolicy:
         self._config = config
         self.adaptive = config.timing.pause_policy == "adaptive"
         self.schedules = Schedules(config.schedule)
-        self._seen: deque[tuple[str, float, float]] = deque(maxlen=KEEP_REQUESTS)
+        self._seen: deque[tuple[str, float, float, str]] = deque(maxlen=KEEP_REQUESTS)
+        #: Per user, per model: when their last request ended (wall seconds).
+        self._last: dict[str, dict[str, float]] = {}
+        #: Per (group, idle since): when the forecast last said "keep it up".
+        self._kept: dict[tuple[tuple[str, ...], float], float] = {}
         self._learnt: dict[tuple[str, ...], _Learnt] = {}
         self._first: float | None = None
 
     # -- learning -----------------------------------------------------------------------
 
-    def observe(self, model: str, start: float, end: float) -> None:
-        """One request for ``model`` kept a GPU busy from ``start`` to ``end`` (wall seconds):
-        the engine's own observations, and the request log's at start."""
+    def observe(self, model: str, start: float, end: float, user: str = "") -> None:
+        """One request of ``user`` for ``model`` kept a GPU busy from ``start`` to ``end``
+        (wall seconds): the engine's own observations, and the request log's at start."""
         if not self.adaptive:
             return
         self._first = start if self._first is None else min(self._first, start)
-        self._seen.append((model, start, end))
+        self._seen.append((model, start, end, user))
+        last = self._last.setdefault(user, {})
+        if end > last.get(model, -math.inf):
+            last[model] = end
 
-    def tables(self, key: tuple[str, ...], now: float, breakeven: float, *,
-               resume: float) -> Tables | None:
+    def tables(self, key: tuple[str, ...], now: float, *, resume: float) -> Tables | None:
         """What was learnt for the group ``key`` (again every ``RELEARN_SECONDS``); ``None``
         under the fixed policy or before a week of history."""
         if not self.adaptive or self._first is None or now - self._first < WEEK:
@@ -303,10 +293,11 @@ class PausePolicy:
         learnt = self._learnt.get(key)
         if learnt is None or now - learnt.at >= RELEARN_SECONDS:
             models = set(key)
-            busy = [(start, end) for model, start, end in self._seen if model in models]
+            mine = [(user, start, end) for model, start, end, user in self._seen
+                    if model in models]
             max_idle = self._config.timing.max_idle_minutes * 60.0
-            learnt = _Learnt(learn(busy, breakeven=breakeven, resume=resume,
-                                   max_idle=max_idle, span=now - self._first), now)
+            learnt = _Learnt(learn(mine, resume=resume, max_idle=max_idle,
+                                   span=now - self._first, now=now), now)
             self._learnt[key] = learnt
         return learnt.tables
 
@@ -326,7 +317,7 @@ class PausePolicy:
             return False  # in an awake window, or woken ahead of one
         if mode == "paused":
             return True
-        tables = self.tables(key, now, breakeven, resume=resume) if key else None
+        tables = self.tables(key, now, resume=resume) if key else None
         if tables is None or level > 0:
             return None  # a second GPU woken for a queue: the leases decide
         idle = now - idle_since
@@ -334,12 +325,45 @@ class PausePolicy:
             return False
         if level == 0 and _waiting_for_pileup(tables.prewarm, idle_since, now):
             return False
-        return idle >= min(tables.keep(idle_since),
-                           self._config.timing.max_idle_minutes * 60.0)
+        max_idle = self._config.timing.max_idle_minutes * 60.0
+        if idle >= max_idle:
+            return True
+        since = round(idle_since, 1)  # the engine derives it anew on every tick
+        kept = self._kept.get((key, since))
+        if kept is not None and now - kept < RECHECK_SECONDS:
+            return False
+        forecast = tables.forecast
+        survival = forecast.survival(self._silent(key, now), now, max_idle - idle)
+        cost = breakeven * (1.0 + WAIT_PENALTY * (1.0 + forecast.session_rate(now) * resume))
+        if worth_keeping(survival, cost):
+            if len(self._kept) > 64:
+                self._kept.clear()
+            self._kept[(key, since)] = now
+            return False
+        return True
+
+    def _silent(self, key: tuple[str, ...], now: float) -> dict[str, float]:
+        """The users whose last request for a model of ``key`` ended within
+        ``SESSION_GAP``, with how long ago. Users silent longer are forgotten here (their
+        return is a new session, which the forecast's rate covers), so this stays as small
+        as the set of people active in the last half hour."""
+        out: dict[str, float] = {}
+        gone = []
+        for user, models in self._last.items():
+            latest = max(models.values())
+            if now - latest >= SESSION_GAP:
+                gone.append(user)
+                continue
+            ended = max((models.get(m, -math.inf) for m in key), default=-math.inf)
+            if now - ended < SESSION_GAP:
+                out[user] = max(0.0, now - ended)
+        for user in gone:
+            del self._last[user]
+        return out
 
     def wanted(self, key: tuple[str, ...], now: float, lead: float, breakeven: float) -> bool:
         """Should a GPU of the group ``key`` be up ``lead`` seconds from now (pre-warm)?"""
-        tables = self.tables(key, now, breakeven, resume=lead)
+        tables = self.tables(key, now, resume=lead)
         # Only as a window comes near: once in it, a GPU paused (or never woken) is not
         # woken again until the next window.
         return tables is not None and (

@@ -133,7 +133,8 @@ async def replay(
             span = max(DAY, math.ceil(max(r.arrival_s for r in history) / DAY) * DAY)
             before = math.ceil(span / (7 * DAY)) * 7 * DAY
         engine.learn_from((r.model, start_wall - before + r.arrival_s,
-                           start_wall - before + r.arrival_s + r.service_s) for r in history)
+                           start_wall - before + r.arrival_s + r.service_s, r.user)
+                          for r in history)
     await engine.start()
     caller = _Callers(engine, clock)
     feeder = asyncio.ensure_future(caller.feed(requests))
