@@ -17,7 +17,9 @@ Tuesday and Thursday. Weekends see two short sessions a day. About 700 requests 
 and run to midnight, sessions are longer with shorter think times, three people run batches
 at random hours, weekends are busy, and there is no Monday rush.
 
-Both are drawn from a seeded generator: the same ``seed`` gives the same week.
+Both are drawn from a seeded generator: the same ``seed`` gives the same week, and another
+seed another week of the same people (each person's think time, sessions a day and session
+length are drawn once per shape), so history of other seeds is history of this group.
 """
 
 from __future__ import annotations
@@ -228,7 +230,9 @@ def synthetic_week(shape: str = "group", seed: int = 1) -> list[Request]:
         raise UsageError(f"unknown workload shape {shape!r}; known: {', '.join(SHAPES)}")
     rng = random.Random(f"{shape}:{seed}")
     deadline = shape == "deadline"
-    people = _group(rng, deadline)
+    # The people are the same every week (what a policy learns of them holds); their weeks
+    # differ by seed.
+    people = _group(random.Random(f"{shape}:people"), deadline)
     out: list[Request] = []
     for day in range(7):
         base = day * DAY
