@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,7 @@ def test_another_seed_is_another_week_of_the_same_people() -> None:
     """What a learning policy learns of a person (their think time) holds the next week."""
     def median_gap(week: list[Request], user: str) -> float:
         times = [r.arrival_s for r in week if r.user == user]
-        gaps = sorted(b - a for a, b in zip(times, times[1:]) if b - a < 1800)
+        gaps = sorted(b - a for a, b in pairwise(times) if b - a < 1800)
         return gaps[len(gaps) // 2]
 
     weeks = [synthetic_week("group", seed) for seed in (1, 2, 3)]
