@@ -54,6 +54,12 @@ def serve(
     insecure_http: Annotated[bool, typer.Option(
         "--insecure-http", help="Serve plain HTTP on a non-loopback address (keys cross the "
         "network in clear text): only behind a TLS proxy on a trusted network.")] = False,
+    workers: Annotated[int, typer.Option(
+        "--workers", min=1, help="Gateway processes sharing the port, one per core (each a "
+        "replica: needs store.url).")] = 1,
+    worker: Annotated[str | None, typer.Option(
+        "--worker", hidden=True, help="Internal: run as worker I on inherited socket FD "
+        "(I:FD), started by --workers.")] = None,
 ) -> None:
     """Run the shared gateway: the Ollama and OpenAI APIs in front of the whole fleet."""
     from gpuctl.cli.context import AppContext
@@ -68,10 +74,25 @@ def serve(
     if port is not None:
         app_ctx.overrides["server.port"] = port
     config = app_ctx.config
+    if workers > 1 and (demo or not config.store.url):
+        raise UsageError(
+            f"--workers {workers} needs store.url: the workers are replicas that must share "
+            "slots, leases and the leader lease through Redis, or each would hand out every "
+            "GPU's slots and pause GPUs the others use" + (" (--demo has no store)" if demo
+                                                          else ""),
+            hint="Set store.url (GPUCTL_STORE__URL=redis://HOST:6379/0), or drop --workers.")
     raise_fd_limit()  # first: the server's connection cap is sized to the descriptors
     settings = _settings(app_ctx, config, insecure_http=insecure_http)
     logs.install()
-    if demo:
+    if worker is not None:
+        received = asyncio.run(_serve_worker(app_ctx, config, worker, settings))
+    elif workers > 1:
+        app_ctx.cloud()  # missing credentials: exit 4 here, not once per worker
+        code = _run_workers(app_ctx, config, workers, settings, insecure_http=insecure_http)
+        if code:
+            raise typer.Exit(code)
+        return
+    elif demo:
         received = asyncio.run(_serve_demo(app_ctx, config, settings))
     else:
         cloud = app_ctx.cloud()  # missing credentials: CredentialsError, exit 4, before binding
@@ -128,16 +149,72 @@ async def _serve_demo(app_ctx: AppContext, config: Config,
     return received
 
 
+def _run_workers(app_ctx: AppContext, config: Config, count: int, settings: ServerSettings,
+                 *, insecure_http: bool) -> int:
+    """Bind the socket here, then supervise ``count`` workers serving it (``workers.py``)."""
+    from gpuctl.cli.output import message
+    from gpuctl.cli.workers import Workers
+
+    sock = _bind(config.server.host, config.server.port)
+    try:
+        scheme = "https" if settings.tls else "http"
+        app_ctx.err.print(f"gpuctl gateway on {scheme}://{_shown(sock)} with {count} workers "
+                          "(Ollama API, OpenAI API under /v1); Ctrl-C stops it",
+                          markup=False, highlight=False, soft_wrap=True)
+        args = ["--insecure-http"] if insecure_http else []
+        return Workers(count, sock.fileno(), args, grace=GRACE_SECONDS,
+                       say=lambda line: message(app_ctx, line)).run()
+    finally:
+        sock.close()
+
+
+async def _serve_worker(app_ctx: AppContext, config: Config, worker: str,
+                        settings: ServerSettings) -> list[signal.Signals]:
+    """One of ``--workers``: serve the inherited socket until a signal or the parent's end."""
+    import os
+
+    index, fd = (int(part) for part in worker.split(":"))
+    sock = socket.socket(fileno=fd)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def parent_gone() -> None:  # stdin is the parent's pipe: EOF when the parent is gone
+        if not os.read(0, 4096):
+            loop.remove_reader(0)
+            stop.set()
+
+    loop.add_reader(0, parent_gone)
+    try:
+        with stop_on_signals(stop) as received:
+            await _serve_cloud(app_ctx, config, app_ctx.cloud(), settings, sock=sock,
+                               worker=index, shutdown=stop)
+    finally:
+        loop.remove_reader(0)
+    return received
+
+
 async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider,
-                       settings: ServerSettings) -> list[signal.Signals]:
+                       settings: ServerSettings, *, sock: socket.socket | None = None,
+                       worker: int | None = None,
+                       shutdown: asyncio.Event | None = None) -> list[signal.Signals]:
+    """Serve the fleet; ``worker``: as one of ``--workers``, on their shared ``sock``, with
+    a store of its own (``workers.py`` says why)."""
     from gpuctl.config import state_dir
     from gpuctl.engine.replicas import ReplicaSet
     from gpuctl.gateway.app import create_app
+    from gpuctl.store import Store
     from gpuctl.store.keys import KeyStore
     from gpuctl.store.shared import ReplicaKeys
 
     try:
-        store = app_ctx.open_store()
+        if worker is None:
+            store = app_ctx.open_store()
+        else:
+            from gpuctl.cli.workers import seed_worker_store, worker_state_dir
+
+            main_dir = state_dir(config, app_ctx.env)
+            store = Store.open(worker_state_dir(main_dir, worker))
+            seed_worker_store(main_dir, store)
         replicas = ReplicaSet(config.store.url) if config.store.url else None
         keys = (ReplicaKeys if replicas else KeyStore).open(state_dir(config, app_ctx.env))
         try:
@@ -147,13 +224,16 @@ async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider
             if replicas is not None:  # store.url: one of several gateways sharing the fleet
                 await replicas.join(engine)
             app = create_app(config, engine, keys, node_token=app_ctx.node_token())
-            sock = _bind(config.server.host, config.server.port)
-            scheme = "https" if settings.tls else "http"
-            try:
+            if replicas is not None:  # which replica answered: for operators and tests
+                app.gw.replica_headers = [(b"x-gpuctl-replica", replicas.holder.replica.encode())]
+            if sock is None:
+                sock = _bind(config.server.host, config.server.port)
+                scheme = "https" if settings.tls else "http"
                 app_ctx.err.print(f"gpuctl gateway on {scheme}://{_shown(sock)} "
                                   f"(Ollama API, OpenAI API under /v1); Ctrl-C stops it",
                                   markup=False, highlight=False, soft_wrap=True)
-                return await run_gateway(app, sock, settings=settings)
+            try:
+                return await run_gateway(app, sock, settings=settings, shutdown=shutdown)
             finally:
                 sock.close()
         finally:

@@ -65,7 +65,7 @@ def fleet(gpus: int, *, resume_seconds: float = 1.0, chunks: int = 5,
         yield Fleet(sim, sim_url, nodes, models)
 
 
-def _prepare_state(state: Path, fleet: Fleet) -> None:
+def prepare_state(state: Path, fleet: Fleet) -> None:
     state.mkdir(parents=True, exist_ok=True)
     keys_file = state / "api_keys.json"
     keys_file.write_text(json.dumps({"api_keys": {SECRET: {"name": "alice"}}}))
@@ -102,7 +102,7 @@ def replicas(start: Callable[..., contextlib.AbstractContextManager[subprocess.P
     with contextlib.ExitStack() as stack:
         for i in range(count):
             state = home / f"replica-{i}"
-            _prepare_state(state, fleet)
+            prepare_state(state, fleet)
             proc = stack.enter_context(
                 start("serve", "--port", "0",
                       env={**env(fleet, redis_url, state), **(extra or {})}))
