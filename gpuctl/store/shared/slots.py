@@ -35,15 +35,26 @@ log = logging.getLogger(__name__)
 #: A dead replica's slots come back after this long; renewals run every third of it.
 DEFAULT_TTL_SECONDS = 15.0
 
+# KEYS[2]: the slots handed to this replica by another (``turns.py``): a live one is
+# claimed first, whatever the count; else a slot is taken only under the limit.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local used = redis.call('ZCARD', KEYS[1])
-if used >= tonumber(ARGV[1]) then return -1 end
+local handed = false
+while true do
+    local h = redis.call('LPOP', KEYS[2])
+    if not h then break end
+    if redis.call('ZSCORE', KEYS[1], h) then handed = h break end
+end
+if handed then
+    redis.call('ZREM', KEYS[1], handed)
+elseif redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+    return -1
+end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
-return used + 1
+return redis.call('ZCARD', KEYS[1])
 """
 
 _RENEW = """
@@ -87,11 +98,22 @@ class GlobalSlots:
     def _key(self, gpu_id: str) -> str:
         return f"{self._ns}:slots:{gpu_id}"
 
-    async def try_acquire(self, gpu_id: str, member: str, limit: int) -> int | None:
-        """Take one of ``limit`` slots on ``gpu_id`` for ``member``: the count in use after,
-        or None when all are taken. ``Unavailable`` (503) when Redis does not answer."""
+    def key(self, gpu_id: str) -> str:
+        """The sorted set of ``gpu_id``'s slot entries."""
+        return self._key(gpu_id)
+
+    def hand_key(self, gpu_id: str, replica: str) -> str:
+        """The list of slots on ``gpu_id`` handed to ``replica`` (see ``turns.py``)."""
+        return f"{self._key(gpu_id)}:hand:{replica}"
+
+    async def try_acquire(self, gpu_id: str, member: str, limit: int,
+                          replica: str = "") -> int | None:
+        """Take one of ``limit`` slots on ``gpu_id`` for ``member`` (claiming first a slot
+        handed to ``replica``): the count in use after, or None when all are taken.
+        ``Unavailable`` (503) when Redis does not answer."""
         with unreachable("grant a slot"), self._noting():
-            used = int(await self._acquire(keys=[self._key(gpu_id)],
+            used = int(await self._acquire(keys=[self._key(gpu_id),
+                                                 self.hand_key(gpu_id, replica)],
                                            args=[limit, self.ttl_ms, member]))
         return None if used < 0 else used
 
@@ -167,7 +189,7 @@ class SlotHolder:
     async def acquire(self, gpu_id: str, limit: int) -> str | None:
         """A member holding one slot on ``gpu_id``, or None when the GPU's slots are full."""
         member = f"{self.replica}:{next(self._ids)}"
-        if await self.slots.try_acquire(gpu_id, member, limit) is None:
+        if await self.slots.try_acquire(gpu_id, member, limit, self.replica) is None:
             return None
         self._held[member] = gpu_id
         self._seen[member] = self.slots.failures
@@ -184,6 +206,11 @@ class SlotHolder:
         gpu_id = self._held.pop(member, None)
         if gpu_id is not None:
             await self.slots.release(gpu_id, member)
+
+    def forget(self, member: str) -> None:
+        """``member``'s entry left Redis some other way (handed to another replica)."""
+        self._seen.pop(member, None)
+        self._held.pop(member, None)
 
     async def release_many(self, members: list[str]) -> None:
         """Give back many held slots in one round trip."""
