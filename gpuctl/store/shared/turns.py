@@ -3,18 +3,19 @@ per-user cap counted over all of them.
 
 Per GPU, three keys beside the slots (``slots.py``):
 
-- ``{ns}:wait:{gpu}``: the replicas with requests waiting for this GPU, scored by the
-  Redis time of their last turn (0 when they joined, so a newcomer goes first);
+- ``{ns}:wait:{gpu}``: the replicas with requests waiting for this GPU, scored by when
+  they last had a turn or started waiting (a counter, ``…:seq``: no ties, no clocks);
 - ``{ns}:live:{gpu}``: when each replica's registration expires (``LIVE_MS`` after its
   last sync), so a dead replica's place in line and its user counts vanish by themselves;
 - ``{ns}:users:{gpu}``: each replica's slots per user (JSON), for the global per-user cap.
 
 A replica whose released slot might be wanted elsewhere (another replica waits for the
-GPU) asks ``pass_on``: one script gives the slot to the waiting replica whose last turn is
-oldest, itself included. Its own turn: it keeps the entry for its local queue. Another's:
-the entry becomes a reservation ``hand:{replica}:…`` in the slot set (counted, so nobody
-else takes it) and is pushed on that replica's hand list, which its next ``acquire``
-claims; a reservation nobody claims expires within ``HAND_MS``. Every replica waiting
+GPU) asks ``pass_on``: one script gives the slot to the waiting replica that has waited
+longest since its last turn (or since it started waiting), itself included. Its own
+turn: it keeps the entry for its local queue. Another's: the entry becomes a reservation
+``hand:{replica}:…`` in the slot set (counted, so nobody else takes it) and is pushed on
+that replica's hand list, which its next ``acquire`` claims; a reservation nobody claims
+expires within ``HAND_MS``. Every replica waiting
 thus gets a turn in strict rotation: a user flooding one replica delays a request waiting
 on another by at most one turn per replica waiting. Within a replica, its fair queue picks
 the user. A replica with nobody else waiting never asks: its slots go round locally at no
@@ -71,7 +72,7 @@ if not turn then
     redis.call('ZREM', KEYS[1], ARGV[1])
     return 0
 end
-redis.call('ZADD', KEYS[2], now, turn)
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[2] .. ':seq'), turn)
 if turn == me then return 1 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 local hand = 'hand:' .. turn .. ':' .. ARGV[1]
@@ -96,7 +97,7 @@ for i = 0, #KEYS / 4 - 1 do
     redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
     if waiting then
         if not redis.call('ZSCORE', wait, me) then
-            redis.call('ZADD', wait, 0, me)
+            redis.call('ZADD', wait, redis.call('INCR', wait .. ':seq'), me)
             redis.call('PUBLISH', chan, 'wait ' .. gpu .. ' ' .. me)
         end
     else
@@ -105,7 +106,9 @@ for i = 0, #KEYS / 4 - 1 do
     if mine ~= '' then redis.call('HSET', users, me, mine) else redis.call('HDEL', users, me) end
     if waiting or mine ~= '' then
         redis.call('ZADD', live, now + live_ms, me)
-        for _, k in ipairs({wait, live, users}) do redis.call('PEXPIRE', k, live_ms * 4) end
+        for _, k in ipairs({wait, live, users, wait .. ':seq'}) do
+            redis.call('PEXPIRE', k, live_ms * 4)
+        end
     else
         redis.call('ZREM', live, me)
     end
