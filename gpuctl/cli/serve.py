@@ -151,21 +151,25 @@ async def _serve_demo(app_ctx: AppContext, config: Config,
 
 def _run_workers(app_ctx: AppContext, config: Config, count: int, settings: ServerSettings,
                  *, insecure_http: bool) -> int:
-    """Bind the socket here, then supervise ``count`` workers serving it (``workers.py``)."""
+    """Bind one listening socket per worker here (``SO_REUSEPORT``, one port), then
+    supervise ``count`` workers, each serving its own (``workers.py`` says why)."""
     from gpuctl.cli.output import message
     from gpuctl.cli.workers import Workers
 
-    sock = _bind(config.server.host, config.server.port)
+    socks = [_bind(config.server.host, config.server.port, reuse_port=True)]
     try:
+        port = socks[0].getsockname()[1]  # --port 0: the others share the one picked
+        socks += [_bind(config.server.host, port, reuse_port=True) for _ in range(count - 1)]
         scheme = "https" if settings.tls else "http"
-        app_ctx.err.print(f"gpuctl gateway on {scheme}://{_shown(sock)} with {count} workers "
-                          "(Ollama API, OpenAI API under /v1); Ctrl-C stops it",
+        app_ctx.err.print(f"gpuctl gateway on {scheme}://{_shown(socks[0])} with {count} "
+                          "workers (Ollama API, OpenAI API under /v1); Ctrl-C stops it",
                           markup=False, highlight=False, soft_wrap=True)
         args = ["--insecure-http"] if insecure_http else []
-        return Workers(count, sock.fileno(), args, grace=GRACE_SECONDS,
+        return Workers(socks, args, grace=GRACE_SECONDS,
                        say=lambda line: message(app_ctx, line)).run()
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
 
 
 async def _serve_worker(app_ctx: AppContext, config: Config, worker: str,
@@ -245,9 +249,9 @@ async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider
         await cloud.aclose()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     try:
-        sock = socket.create_server((host, port), backlog=2048,
+        sock = socket.create_server((host, port), backlog=2048, reuse_port=reuse_port,
                                     family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}",

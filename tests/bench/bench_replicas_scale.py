@@ -17,7 +17,9 @@ the gateway's CPU per relayed chunk: ``capacity`` is the chunks/s one core of ga
 would relay at the measured cost (1 / CPU per chunk), summed over the processes that can
 each have a core; the scaling figure is the two-worker capacity over the one-process
 capacity (2.0× means a replica costs nothing extra per chunk). The wall-clock chunks/s and
-the split of CPU between the two workers are printed beside it. CPU comes from
+the split of CPU between the two workers are printed beside it. Before the streams, a
+phase of non-streamed chats on 64 connections gives the CPU per request (all processes).
+CPU comes from
 ``/proc/<pid>/task/*/schedstat`` (ns); each process's idle CPU rate (the replica's sync
 loop, heartbeats), measured before the phase, is subtracted ("net").
 """
@@ -84,6 +86,9 @@ async def _phase(url: str, key: str, pids: list[int], streams: int,
     await asyncio.sleep(2.0)
     idle = {pid: (cpu_seconds(pid) - idle0[pid]) / (time.perf_counter() - t0) for pid in pids}
     cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+    plain = await run_phase(load, None, 64, stream=False, per_client=150, time_limit=seconds)
+    plain_cpu = sum(cpu_seconds(pid) - cpu0[pid] - idle[pid] * plain.seconds for pid in pids)
+    cpu0 = {pid: cpu_seconds(pid) for pid in pids}
     phase = await run_phase(load, None, streams, stream=True, per_client=100,
                             time_limit=seconds)
     net = {pid: cpu_seconds(pid) - cpu0[pid] - idle[pid] * phase.seconds for pid in pids}
@@ -93,8 +98,10 @@ async def _phase(url: str, key: str, pids: list[int], streams: int,
     # One core each: the capacity of n processes is n chunks per (CPU per chunk) second.
     per_chunk = total / chunks
     return {
+        "requests_per_s_c64": plain.requests / plain.seconds,
+        "net_cpu_us_per_req_c64": plain_cpu / max(1, plain.requests) * 1e6,
         "chunks_per_s": phase.chunks / phase.seconds,
-        "errors": phase.errors,
+        "errors": phase.errors + plain.errors,
         "net_cpu_us_per_chunk": per_chunk * 1e6,
         "capacity_chunks_per_s": len(pids) / per_chunk if per_chunk > 0 else 0.0,
         "idle_cpu_ms_per_s": sum(idle.values()) * 1e3,
@@ -105,8 +112,8 @@ async def _phase(url: str, key: str, pids: list[int], streams: int,
 async def _shape(label: str, args: list[str], env: dict[str, str], key: str,
                  streams: int, seconds: float) -> dict[str, float]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gpuctl", "serve", "--port", str(port),
-                             *args], env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "gpuctl", "serve",  # noqa: ASYNC220
+                             "--port", str(port), *args], env=env, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
         await wait_up(url, key, timeout=60)
@@ -130,8 +137,8 @@ async def bench(streams: int, repeats: int, seconds: float) -> None:
         redis = RedisServer(tmp)
         redis.start()
         node_port = _free_port()
-        node = subprocess.Popen([sys.executable, str(GATEWAY_BENCH), "--role", "node",
-                                 "--port", str(node_port)], cwd=ROOT)
+        node = subprocess.Popen([sys.executable, str(GATEWAY_BENCH),  # noqa: ASYNC220
+                                 "--role", "node", "--port", str(node_port)], cwd=ROOT)
         try:
             node_url = f"http://127.0.0.1:{node_port}"
             await wait_up(node_url, None)
@@ -162,6 +169,9 @@ async def bench(streams: int, repeats: int, seconds: float) -> None:
     two = table["two workers (Redis)"]["capacity_chunks_per_s"]
     print(f"capacity, two workers vs one process: {two / one:.2f}x; "
           f"vs one replica: {two / replica:.2f}x")
+    single = table["one process, no Redis"]["net_cpu_us_per_req_c64"]
+    print("CPU per request vs one process: " + ", ".join(
+        f"{label} {row['net_cpu_us_per_req_c64'] / single:.2f}x" for label, row in table.items()))
 
 
 def main() -> None:
