@@ -40,6 +40,9 @@ __all__ = ["GRACE_SECONDS", "run_gateway", "serve", "stop_on_signals"]
 #: How long streams in flight may run on after SIGTERM before the server closes them.
 GRACE_SECONDS = 30.0
 
+#: More workers than this is a typo, not a machine: each holds Redis connections and a store.
+MAX_WORKERS = 64
+
 
 def serve(
     ctx: typer.Context,
@@ -55,8 +58,8 @@ def serve(
         "--insecure-http", help="Serve plain HTTP on a non-loopback address (keys cross the "
         "network in clear text): only behind a TLS proxy on a trusted network.")] = False,
     workers: Annotated[int, typer.Option(
-        "--workers", min=1, help="Gateway processes sharing the port, one per core (each a "
-        "replica: needs store.url).")] = 1,
+        "--workers", min=1, max=MAX_WORKERS, help="Gateway processes sharing the port, one "
+        "per core (each a replica: needs store.url).")] = 1,
     worker: Annotated[str | None, typer.Option(
         "--worker", hidden=True, help="Internal: run as worker I on inherited socket FD "
         "(I:FD), started by --workers.")] = None,
@@ -177,8 +180,12 @@ async def _serve_worker(app_ctx: AppContext, config: Config, worker: str,
     """One of ``--workers``: serve the inherited socket until a signal or the parent's end."""
     import os
 
-    index, fd = (int(part) for part in worker.split(":"))
-    sock = socket.socket(fileno=fd)
+    try:
+        index, fd = (int(part) for part in worker.split(":"))
+        sock = socket.socket(fileno=fd)
+    except (ValueError, OSError):
+        raise UsageError(f"--worker {worker!r}: not a socket inherited from `serve --workers`",
+                         hint="--worker is internal; use --workers N.") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -117,3 +117,16 @@ def test_workers_without_a_store_url_is_a_usage_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "store.url" in result.stderr
     assert "Redis" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--workers", "0"], ["--workers", "65"],
+                                  ["--worker", "0:nonsense"], ["--worker", "0:987"]])
+def test_worker_counts_and_sockets_out_of_range_are_usage_errors(
+        tmp_path: Path, args: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gpuctl", "serve", "--port", "0", *args],
+        env={"GPUCTL_HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+             "GPUCTL_STORE__URL": "redis://127.0.0.1:1/0"},
+        capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
