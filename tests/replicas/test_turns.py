@@ -51,14 +51,17 @@ def test_a_flood_on_one_replica_delays_a_request_on_another_by_one_turn_per_repl
 
             alice, (bob_status, bob_at), sent = asyncio.run(asyncio.wait_for(scenario(), 60))
             assert [status for status, _ in alice] == [200] * flood and bob_status == 200
-            ahead = sum(sent < at < bob_at for _, at in alice)
-            behind = sum(at > bob_at for _, at in alice)
+            # The flood's first grants (they filled the GPU before bob came) are not turns
+            # he waited for, even when their headers come back a moment after he was sent.
+            turns = sorted(at for _, at in alice)[SLOTS:]
+            ahead = sum(sent < at < bob_at for at in turns)
+            behind = sum(at > bob_at for at in turns)
             print(f"bob waited {bob_at - sent:.2f} s: {ahead} of alice's requests were "
                   f"granted before him, {behind} after")
             # One turn per replica at most (two replicas); and alice's queue was far from
             # empty when bob got his turn: he was not left to the end of the flood.
             assert ahead <= 2
-            assert behind >= flood - SLOTS - 2 - 2
+            assert behind >= flood - SLOTS - 2
             assert node.peak_streams <= SLOTS
 
 
