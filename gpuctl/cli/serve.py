@@ -8,6 +8,9 @@ SIGINT stops accepting, lets streams in flight finish for up to ``GRACE_SECONDS`
 engine (which persists its state) and exits 0 (SIGTERM) or 130 (SIGINT, Ctrl-C), as the
 exit-code table says.
 
+``--workers N`` (with ``store.url``) makes this process the parent of N gateway processes
+on the same port, each a replica (``cli/workers.py``); the parent serves nothing itself.
+
 ``--demo`` serves the simulated fleet of ``gpuctl.sim.demo`` instead: no credentials are
 looked for and no state of the user's is opened (the demo has its own key store in a temp
 dir). It prints the demo key and commands to try, publishes itself for ``status --demo``
@@ -208,8 +211,8 @@ async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider
                        settings: ServerSettings, *, sock: socket.socket | None = None,
                        worker: int | None = None,
                        shutdown: asyncio.Event | None = None) -> list[signal.Signals]:
-    """Serve the fleet; ``worker``: as one of ``--workers``, on their shared ``sock``, with
-    a store of its own (``workers.py`` says why)."""
+    """Serve the fleet; ``worker``: as one of ``--workers``, on the ``sock`` the parent
+    bound for it, with a store of its own (``workers.py`` says why)."""
     from gpuctl.config import state_dir
     from gpuctl.engine.replicas import ReplicaSet
     from gpuctl.gateway.app import create_app

@@ -9,9 +9,10 @@ With ``store.url = "redis://…"`` each gateway's engine runs as before, plus th
   the others' counts are synced into each GPU's ``in_use`` a few times a second
   (``Replica._sync``), so routing sees them and idle pause never takes a GPU in use.
 - **Turns** (``store.shared.turns``): when another replica waits for a GPU, a slot freed
-  there goes to the waiting replica whose last turn is oldest (this one included), so a
-  flood on one replica cannot starve a request waiting on another; the same sync counts
-  each user's slots on every replica, so ``server.max_slots_per_user`` holds across them.
+  there goes to the waiting replica that has waited longest since its last turn (this one
+  included), so a flood on one replica cannot starve a request waiting on another; the
+  same sync counts each user's slots on every replica, so ``server.max_slots_per_user``
+  holds across them.
 - **One writer** (``FencedCloud``): the engine's cloud is wrapped. On the leader (the
   replica holding ``store.shared.leader``'s lease) a resume or pause is first claimed in
   Redis, fenced by the leader's token, and sent only if the claim wins: a successor finds
@@ -351,6 +352,9 @@ class Replica:
                         self._poke.set()
             except StoreUnreachable as exc:
                 log.warning("turns channel lost (Redis unreachable): %s", exc)
+                await asyncio.sleep(1.0)
+            except Exception:  # keep listening: the sync still carries the news, later
+                log.exception("turns channel failed")
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(*StoreUnreachable):
