@@ -228,7 +228,8 @@ async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider
 
             main_dir = state_dir(config, app_ctx.env)
             store = Store.open(worker_state_dir(main_dir, worker))
-            seed_worker_store(main_dir, store)
+            if worker:  # worker 0's store is the state dir's own
+                seed_worker_store(main_dir, store)
         replicas = ReplicaSet(config.store.url) if config.store.url else None
         keys = (ReplicaKeys if replicas else KeyStore).open(state_dir(config, app_ctx.env))
         try:

@@ -11,13 +11,15 @@ worker restarts wait in its queue and are served by its successor (the parent cl
 socket of a worker it gives up on). Each worker is a replica of the ordinary kind
 (``store.url``): slots, the leader lease and keys are shared through Redis as between hosts.
 
-State: each worker has its own SQLite store under ``{state_dir}/workers/{i}``, as a replica
-on its own host has. Two processes writing one store would step on each other: the lease
-table is written as a whole document (``save_leases``) and every worker would record the
-same GPU timeline, so the ledger would bill each GPU-second N times. A worker's store is
-seeded, when new, with the main store's known models and resume and load history, so a
-fresh worker still knows which paused GPU holds a model. API keys stay in the main state
-dir (written by ``gpuctl keys``, read by every worker, and shared through Redis anyway).
+State: each worker has its own SQLite store, as a replica on its own host has: worker 0
+the state dir's own (so ``gpuctl usage`` on this host reads the group's ledger, which the
+replicas fold into every store), worker i > 0 one under ``{state_dir}/workers/{i}``. Two
+processes writing one store would step on each other: the lease table is written as a
+whole document (``save_leases``), and each replica publishes its store's rows to the
+others, so rows two workers wrote into one store would be told apart by neither. A new
+worker store is seeded with the main store's known models and resume and load history, so
+a fresh worker knows at once which paused GPU holds a model. API keys stay in the main
+state dir (written by ``gpuctl keys``, read by every worker, shared through Redis).
 
 The parent forwards SIGTERM and SIGINT to every worker, waits for them to drain, and exits
 0 (SIGTERM) or 130 (SIGINT). A worker that dies on its own is logged and restarted, since
@@ -53,8 +55,8 @@ KILL_AFTER_GRACE_SECONDS = 10.0
 
 
 def worker_state_dir(state_dir: Path, index: int) -> Path:
-    """Where worker ``index`` keeps its own SQLite store."""
-    return state_dir / "workers" / str(index)
+    """Where worker ``index`` keeps its own SQLite store (worker 0: the state dir's)."""
+    return state_dir / "workers" / str(index) if index else state_dir
 
 
 def seed_worker_store(main_dir: Path, worker: Store) -> None:

@@ -14,6 +14,8 @@ import httpx
 import pytest
 from conftest import served_url  # tests/conftest.py
 
+from gpuctl.store import Store
+
 from .gateways import SECRET, SLOTS, env, fleet, prepare_state, until
 from .redis_server import RedisServer
 
@@ -57,9 +59,11 @@ def test_two_workers_share_the_port_and_stop_cleanly_on_sigterm(
             until(both_served, timeout=30)
             pids = {int(replica.split("@")[0]) for replica in seen}
             assert proc.pid not in pids  # the workers answer, not the parent
-            # Each worker has a store of its own, seeded with the main one's known models.
-            for index in range(2):
-                assert (state / "workers" / str(index) / "gpuctl.db").exists()
+            # Each worker has a store of its own: worker 0 the state dir's, worker 1 one
+            # seeded with its known models.
+            second = Store.open(state / "workers" / "1", reader=True)
+            assert [m["name"] for m in second.known_models()[gpu_id]] == [model]
+            second.close()
             assert f.nodes[gpu_id].peak_streams <= SLOTS
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0
