@@ -20,8 +20,10 @@ capacity (2.0× means a replica costs nothing extra per chunk). The wall-clock c
 the split of CPU between the two workers are printed beside it. Before the streams, a
 phase of non-streamed chats on 64 connections gives the CPU per request (all processes).
 CPU comes from
-``/proc/<pid>/task/*/schedstat`` (ns); each process's idle CPU rate (the replica's sync
-loop, heartbeats), measured before the phase, is subtracted ("net").
+``/proc/<pid>/task/*/schedstat`` (ns), counted until ``SETTLE_SECONDS`` after each phase,
+so the background work the requests cause (a replica publishes and folds in their ledger
+rows about once a second) is charged to them; each process's idle CPU rate (the replica's
+sync loop, heartbeats), measured before any load, is subtracted ("net").
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from gpuctl.store.keys import KeyStore  # noqa: E402
 from tests.bench.bench_gateway import (  # noqa: E402
     Load,
+    Phase,
     _free_port,
     _raise_fd_limit,
     cpu_seconds,
@@ -52,6 +56,9 @@ from tests.bench.bench_gateway import (  # noqa: E402
 from tests.replicas.redis_server import RedisServer  # noqa: E402
 
 GATEWAY_BENCH = ROOT / "tests" / "bench" / "bench_gateway.py"
+#: Background work a phase causes (ledger rows published about once a second) is done by
+#: this long after it.
+SETTLE_SECONDS = 3.0
 
 
 def _children(pid: int) -> list[int]:
@@ -80,18 +87,28 @@ def _home(tmp: Path, node_url: str) -> tuple[Path, str]:
 async def _phase(url: str, key: str, pids: list[int], streams: int,
                  seconds: float) -> dict[str, float]:
     load = Load(url, key)
-    await run_phase(load, None, 64, stream=False, per_client=5, time_limit=5)  # warm up
+    await asyncio.sleep(SETTLE_SECONDS)  # the start's background work done
     idle0 = {pid: cpu_seconds(pid) for pid in pids}
     t0 = time.perf_counter()
     await asyncio.sleep(2.0)
     idle = {pid: (cpu_seconds(pid) - idle0[pid]) / (time.perf_counter() - t0) for pid in pids}
-    cpu0 = {pid: cpu_seconds(pid) for pid in pids}
-    plain = await run_phase(load, None, 64, stream=False, per_client=150, time_limit=seconds)
-    plain_cpu = sum(cpu_seconds(pid) - cpu0[pid] - idle[pid] * plain.seconds for pid in pids)
-    cpu0 = {pid: cpu_seconds(pid) for pid in pids}
-    phase = await run_phase(load, None, streams, stream=True, per_client=100,
-                            time_limit=seconds)
-    net = {pid: cpu_seconds(pid) - cpu0[pid] - idle[pid] * phase.seconds for pid in pids}
+    await run_phase(load, None, 64, stream=False, per_client=5, time_limit=5)  # warm up
+    await asyncio.sleep(SETTLE_SECONDS)
+
+    async def charged(run: Awaitable[Phase]) -> tuple[Phase, dict[int, float]]:
+        """A phase, and each process's CPU for it, its background work after included."""
+        cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+        t0 = time.perf_counter()
+        phase = await run
+        await asyncio.sleep(SETTLE_SECONDS)
+        took = time.perf_counter() - t0
+        return phase, {pid: cpu_seconds(pid) - cpu0[pid] - idle[pid] * took for pid in pids}
+
+    plain, plain_net = await charged(
+        run_phase(load, None, 64, stream=False, per_client=150, time_limit=seconds))
+    plain_cpu = sum(plain_net.values())
+    phase, net = await charged(
+        run_phase(load, None, streams, stream=True, per_client=100, time_limit=seconds))
     await load.pool.aclose()
     chunks = max(1, phase.chunks)
     total = sum(net.values())
