@@ -8,6 +8,9 @@ SIGINT stops accepting, lets streams in flight finish for up to ``GRACE_SECONDS`
 engine (which persists its state) and exits 0 (SIGTERM) or 130 (SIGINT, Ctrl-C), as the
 exit-code table says.
 
+``--workers N`` (with ``store.url``) makes this process the parent of N gateway processes
+on the same port, each a replica (``cli/workers.py``); the parent serves nothing itself.
+
 ``--demo`` serves the simulated fleet of ``gpuctl.sim.demo`` instead: no credentials are
 looked for and no state of the user's is opened (the demo has its own key store in a temp
 dir). It prints the demo key and commands to try, publishes itself for ``status --demo``
@@ -40,6 +43,9 @@ __all__ = ["GRACE_SECONDS", "run_gateway", "serve", "stop_on_signals"]
 #: How long streams in flight may run on after SIGTERM before the server closes them.
 GRACE_SECONDS = 30.0
 
+#: More workers than this is a typo, not a machine: each holds Redis connections and a store.
+MAX_WORKERS = 64
+
 
 def serve(
     ctx: typer.Context,
@@ -54,6 +60,12 @@ def serve(
     insecure_http: Annotated[bool, typer.Option(
         "--insecure-http", help="Serve plain HTTP on a non-loopback address (keys cross the "
         "network in clear text): only behind a TLS proxy on a trusted network.")] = False,
+    workers: Annotated[int, typer.Option(
+        "--workers", min=1, max=MAX_WORKERS, help="Gateway processes sharing the port, one "
+        "per core (each a replica: needs store.url).")] = 1,
+    worker: Annotated[str | None, typer.Option(
+        "--worker", hidden=True, help="Internal: run as worker I on inherited socket FD "
+        "(I:FD), started by --workers.")] = None,
 ) -> None:
     """Run the shared gateway: the Ollama and OpenAI APIs in front of the whole fleet."""
     from gpuctl.cli.context import AppContext
@@ -68,10 +80,25 @@ def serve(
     if port is not None:
         app_ctx.overrides["server.port"] = port
     config = app_ctx.config
+    if workers > 1 and (demo or not config.store.url):
+        raise UsageError(
+            f"--workers {workers} needs store.url: the workers are replicas that must share "
+            "slots, leases and the leader lease through Redis, or each would hand out every "
+            "GPU's slots and pause GPUs the others use" + (" (--demo has no store)" if demo
+                                                          else ""),
+            hint="Set store.url (GPUCTL_STORE__URL=redis://HOST:6379/0), or drop --workers.")
     raise_fd_limit()  # first: the server's connection cap is sized to the descriptors
     settings = _settings(app_ctx, config, insecure_http=insecure_http)
     logs.install()
-    if demo:
+    if worker is not None:
+        received = asyncio.run(_serve_worker(app_ctx, config, worker, settings))
+    elif workers > 1:
+        app_ctx.cloud()  # missing credentials: exit 4 here, not once per worker
+        code = _run_workers(app_ctx, config, workers, settings, insecure_http=insecure_http)
+        if code:
+            raise typer.Exit(code)
+        return
+    elif demo:
         received = asyncio.run(_serve_demo(app_ctx, config, settings))
     else:
         cloud = app_ctx.cloud()  # missing credentials: CredentialsError, exit 4, before binding
@@ -128,16 +155,81 @@ async def _serve_demo(app_ctx: AppContext, config: Config,
     return received
 
 
+def _run_workers(app_ctx: AppContext, config: Config, count: int, settings: ServerSettings,
+                 *, insecure_http: bool) -> int:
+    """Bind one listening socket per worker here (``SO_REUSEPORT``, one port), then
+    supervise ``count`` workers, each serving its own (``workers.py`` says why)."""
+    from gpuctl.cli.output import message
+    from gpuctl.cli.workers import Workers
+
+    socks = [_bind(config.server.host, config.server.port, reuse_port=True)]
+    try:
+        port = socks[0].getsockname()[1]  # --port 0: the others share the one picked
+        socks += [_bind(config.server.host, port, reuse_port=True) for _ in range(count - 1)]
+        scheme = "https" if settings.tls else "http"
+        app_ctx.err.print(f"gpuctl gateway on {scheme}://{_shown(socks[0])} with {count} "
+                          "workers (Ollama API, OpenAI API under /v1); Ctrl-C stops it",
+                          markup=False, highlight=False, soft_wrap=True)
+        args = ["--insecure-http"] if insecure_http else []
+        return Workers(socks, args, grace=GRACE_SECONDS,
+                       say=lambda line: message(app_ctx, line)).run()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def _serve_worker(app_ctx: AppContext, config: Config, worker: str,
+                        settings: ServerSettings) -> list[signal.Signals]:
+    """One of ``--workers``: serve the inherited socket until a signal or the parent's end."""
+    import os
+
+    try:
+        index, fd = (int(part) for part in worker.split(":"))
+        sock = socket.socket(fileno=fd)
+    except (ValueError, OSError):
+        raise UsageError(f"--worker {worker!r}: not a socket inherited from `serve --workers`",
+                         hint="--worker is internal; use --workers N.") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def parent_gone() -> None:  # stdin is the parent's pipe: EOF when the parent is gone
+        if not os.read(0, 4096):
+            loop.remove_reader(0)
+            stop.set()
+
+    loop.add_reader(0, parent_gone)
+    try:
+        with stop_on_signals(stop) as received:
+            await _serve_cloud(app_ctx, config, app_ctx.cloud(), settings, sock=sock,
+                               worker=index, shutdown=stop)
+    finally:
+        loop.remove_reader(0)
+    return received
+
+
 async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider,
-                       settings: ServerSettings) -> list[signal.Signals]:
+                       settings: ServerSettings, *, sock: socket.socket | None = None,
+                       worker: int | None = None,
+                       shutdown: asyncio.Event | None = None) -> list[signal.Signals]:
+    """Serve the fleet; ``worker``: as one of ``--workers``, on the ``sock`` the parent
+    bound for it, with a store of its own (``workers.py`` says why)."""
     from gpuctl.config import state_dir
     from gpuctl.engine.replicas import ReplicaSet
     from gpuctl.gateway.app import create_app
+    from gpuctl.store import Store
     from gpuctl.store.keys import KeyStore
     from gpuctl.store.shared import ReplicaKeys
 
     try:
-        store = app_ctx.open_store()
+        if worker is None:
+            store = app_ctx.open_store()
+        else:
+            from gpuctl.cli.workers import seed_worker_store, worker_state_dir
+
+            main_dir = state_dir(config, app_ctx.env)
+            store = Store.open(worker_state_dir(main_dir, worker))
+            if worker:  # worker 0's store is the state dir's own
+                seed_worker_store(main_dir, store)
         replicas = ReplicaSet(config.store.url) if config.store.url else None
         keys = (ReplicaKeys if replicas else KeyStore).open(state_dir(config, app_ctx.env))
         try:
@@ -147,13 +239,16 @@ async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider
             if replicas is not None:  # store.url: one of several gateways sharing the fleet
                 await replicas.join(engine)
             app = create_app(config, engine, keys, node_token=app_ctx.node_token())
-            sock = _bind(config.server.host, config.server.port)
-            scheme = "https" if settings.tls else "http"
-            try:
+            if replicas is not None:  # which replica answered: for operators and tests
+                app.gw.replica_headers = [(b"x-gpuctl-replica", replicas.holder.replica.encode())]
+            if sock is None:
+                sock = _bind(config.server.host, config.server.port)
+                scheme = "https" if settings.tls else "http"
                 app_ctx.err.print(f"gpuctl gateway on {scheme}://{_shown(sock)} "
                                   f"(Ollama API, OpenAI API under /v1); Ctrl-C stops it",
                                   markup=False, highlight=False, soft_wrap=True)
-                return await run_gateway(app, sock, settings=settings)
+            try:
+                return await run_gateway(app, sock, settings=settings, shutdown=shutdown)
             finally:
                 sock.close()
         finally:
@@ -165,9 +260,9 @@ async def _serve_cloud(app_ctx: AppContext, config: Config, cloud: CloudProvider
         await cloud.aclose()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     try:
-        sock = socket.create_server((host, port), backlog=2048,
+        sock = socket.create_server((host, port), backlog=2048, reuse_port=reuse_port,
                                     family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}",

@@ -152,6 +152,12 @@ class Engine:
         self._gate: SlotGate | None = None
         #: Slots other replicas hold, per GPU, as counted at the last sync (in ``in_use``).
         self._foreign: dict[str, int] = {}
+        #: GPU id -> user -> slots other replicas hold for that user (the per-user cap is
+        #: global across replicas: synced by ``Replica``).
+        self._foreign_held: dict[str, dict[str, int]] = {}
+        #: Replicas: called when a request starts waiting here, so the replica tells the
+        #: others at once that it waits for a turn.
+        self.on_queue: Callable[[], None] | None = None
         self._ticket_ids = itertools.count(1)
         self._loop_task: asyncio.Task[None] | None = None
         self._refresh_error: str | None = None
@@ -325,7 +331,7 @@ class Engine:
         cap = self._user_cap
 
         def capped(user: str) -> bool:
-            return self._held.get(user, {}).get(gpu.id, 0) >= cap
+            return self._holds(user, gpu.id) >= cap
 
         while gpu.in_use < gpu.slots and gpu.ready:
             waiter = self._queue.pop_for(gpu.models, skip=capped)
@@ -400,6 +406,46 @@ class Engine:
         for grant in self._grants.values():
             counts[grant.gpu.id] = counts.get(grant.gpu.id, 0) + 1
         return counts
+
+    def slot_back(self, gpu_id: str) -> None:
+        """A slot the gate held back at release (``put_back`` returned False) is free here
+        after all: it was this replica's turn, or nobody waited."""
+        gpu = self._gpus.get(gpu_id)
+        old = self._foreign.get(gpu_id, 0)
+        if gpu is None or old <= 0:
+            return  # a sync already counted it anew
+        self._foreign[gpu_id] = old - 1
+        gpu.in_use = max(0, gpu.in_use - 1)
+        if not gpu.in_use:
+            gpu.idle_since = self.clock.now()
+        self._roster.refile(gpu)
+        self._drain(gpu)
+
+    def set_user_foreign(self, gpu_id: str, counts: dict[str, int]) -> None:
+        """Other replicas hold ``counts`` slots per user on ``gpu_id`` (the per-user cap is
+        global); a user who now holds fewer may be served from the queue."""
+        old = self._foreign_held.get(gpu_id, {})
+        if counts == old:
+            return
+        if counts:
+            self._foreign_held[gpu_id] = counts
+        else:
+            self._foreign_held.pop(gpu_id, None)
+        gpu = self._gpus.get(gpu_id)
+        if gpu is not None and any(counts.get(u, 0) < n for u, n in old.items()):
+            self._drain(gpu)
+
+    def waiting_gpus(self) -> set[str]:
+        """Ready GPUs that could serve a request queued here (replicas register a turn)."""
+        if not len(self._queue):
+            return set()
+        models = {m for m in self._queue.models() if self._queue.depth(m)}
+        return {gpu.id for gpu in self._gpus.values()
+                if gpu.ready and gpu.models and not models.isdisjoint(gpu.models)}
+
+    def held_by_user(self, gpu_id: str) -> dict[str, int]:
+        """Slots each user holds on ``gpu_id`` through this replica's grants."""
+        return {user: held[gpu_id] for user, held in self._held.items() if gpu_id in held}
 
     def set_foreign(self, gpu_id: str, count: int) -> None:
         """Other replicas hold ``count`` slots on ``gpu_id`` (from the shared count)."""
@@ -515,6 +561,8 @@ class Engine:
         if not future.done():
             self._announcer.tell_position(waiter)
             self._waker.ensure_supply(name, recheck=False)
+            if self.on_queue is not None:
+                self.on_queue()
         timing = self.config.timing
         limit = self.config.server.queue_timeout_seconds
         if not self._catalog.ready_gpus(name):
@@ -579,11 +627,22 @@ class Engine:
         return self._budgets.remaining(key_id)
 
     def _full(self, user: str) -> list[str]:
-        """The GPUs on which ``user`` holds as many slots as one user may."""
+        """The GPUs on which ``user`` holds as many slots as one user may (on any replica)."""
         held = self._held.get(user)
+        if self._foreign_held:
+            gpus = set(held or ()) | {g for g, users in self._foreign_held.items()
+                                      if user in users}
+            return [g for g in gpus if self._holds(user, g) >= self._user_cap]
         if not held:
             return []
         return [gpu_id for gpu_id, count in held.items() if count >= self._user_cap]
+
+    def _holds(self, user: str, gpu_id: str) -> int:
+        """Slots ``user`` holds on ``gpu_id``, here and (replicas) on the others."""
+        here = self._held.get(user, {}).get(gpu_id, 0)
+        if not self._foreign_held:
+            return here
+        return here + self._foreign_held.get(gpu_id, {}).get(user, 0)
 
     def _grant(self, choice: Choice, model: str, user: str, given: str, waited: float,
                request: RequestRow | None = None) -> Ticket:
@@ -635,10 +694,14 @@ class Engine:
         grant = self._grants.pop(ticket.id, None)
         if grant is None:
             return  # released twice: the first release counted
+        held_back = False  # replicas: the gate asks Redis whose turn the slot is
         if self._gate is not None and grant.member is not None:
-            self._gate.put_back(grant.gpu.id, grant.member)
+            held_back = not self._gate.put_back(grant.gpu.id, grant.member)
+        if held_back:  # in use still, as another replica's until ``slot_back`` or a sync
+            self._foreign[grant.gpu.id] = self._foreign.get(grant.gpu.id, 0) + 1
         if unused:
-            grant.gpu.in_use -= 1
+            if not held_back:
+                grant.gpu.in_use -= 1
             self._unhold(grant.user, grant.gpu.id)
             self._counters["granted"] -= 1
             self._roster.refile(grant.gpu)
@@ -665,7 +728,8 @@ class Engine:
             at=self.clock.wall(),
         )
         gpu = grant.gpu
-        gpu.in_use -= 1
+        if not held_back:
+            gpu.in_use -= 1
         if not gpu.in_use:
             gpu.idle_since = now
         self._unhold(grant.user, gpu.id)

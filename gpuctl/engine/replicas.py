@@ -4,9 +4,15 @@ With ``store.url = "redis://…"`` each gateway's engine runs as before, plus th
 
 - **Global slots** (``SharedSlotGate``): every slot the engine grants must also hold an
   entry in Redis (``store.shared.slots``), so a GPU's slot count holds across replicas. A
-  slot freed and handed to a local waiter keeps its entry (no round trip); the others'
-  counts are synced into each GPU's ``in_use`` a few times a second (``Replica._sync``),
-  so routing sees them and idle pause never takes a GPU another replica is using.
+  freed slot keeps its entry as a spare for this replica's next request (no round trip)
+  while no other replica waits for that GPU, and goes back after ``SPARE_SECONDS`` unused;
+  the others' counts are synced into each GPU's ``in_use`` a few times a second
+  (``Replica._sync``), so routing sees them and idle pause never takes a GPU in use.
+- **Turns** (``store.shared.turns``): when another replica waits for a GPU, a slot freed
+  there goes to the waiting replica that has waited longest since its last turn (this one
+  included), so a flood on one replica cannot starve a request waiting on another; the
+  same sync counts each user's slots on every replica, so ``server.max_slots_per_user``
+  holds across them.
 - **One writer** (``FencedCloud``): the engine's cloud is wrapped. On the leader (the
   replica holding ``store.shared.leader``'s lease) a resume or pause is first claimed in
   Redis, fenced by the leader's token, and sent only if the claim wins: a successor finds
@@ -31,7 +37,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gpuctl.cloud.base import CloudProvider, Workspace
@@ -41,13 +47,17 @@ from gpuctl.errors import ActionRefused, CloudUnavailable, GpuctlError, Unavaila
 from gpuctl.store.shared import (
     CloudActions,
     LeaderLease,
+    Passed,
     ReplicaKeys,
     SharedKeys,
     SlotHolder,
+    SlotTurns,
     StoreUnreachable,
 )
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
     from gpuctl.engine.engine import Engine
 
 __all__ = ["FencedCloud", "Replica", "SharedSlotGate", "SlotGate"]
@@ -57,8 +67,11 @@ log = logging.getLogger(__name__)
 #: How often a replica re-reads the others' slot counts and the leader reads wanted wakes.
 SYNC_SECONDS = 0.2
 
-#: A slot entry kept for a local hand-off goes back to Redis if nobody took it this soon.
-SPARE_SECONDS = 0.1
+#: A slot entry kept for a local request goes back to Redis if nobody took it this soon
+#: (while no other replica waits for the GPU: then it is passed on at once). Short against
+#: idle pause (minutes), long enough that a replica alone on a GPU pays no Redis call per
+#: request.
+SPARE_SECONDS = 2.0
 
 
 class SlotGate(Protocol):
@@ -68,19 +81,31 @@ class SlotGate(Protocol):
         """A global slot entry on ``gpu_id``, or None when all ``limit`` are taken."""
         ...
 
-    def put_back(self, gpu_id: str, member: str) -> None:
-        """A grant holding ``member`` ended; the entry goes to a local waiter or to Redis."""
+    def put_back(self, gpu_id: str, member: str) -> bool:
+        """A grant holding ``member`` ended. True: the slot is free here now. False: the
+        gate asks whose turn it is; it calls back (``slot_back``) if it is this replica's."""
         ...
 
 
 class SharedSlotGate:
-    """Global slots through ``SlotHolder``, with local hand-off of freed entries."""
+    """Global slots through ``SlotHolder``, with local hand-off of freed entries, and
+    turns between replicas (``SlotTurns``) where another replica waits."""
 
-    def __init__(self, holder: SlotHolder) -> None:
+    def __init__(self, holder: SlotHolder, turns: SlotTurns | None = None) -> None:
         self.holder = holder
+        self.turns = turns
         #: Freed entries kept for a local waiter: (when, member).
         self._spare: dict[str, list[tuple[float, str]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: GPUs another replica waits for (last sync, or the channel): a slot freed there
+        #: is passed on by turns, not kept.
+        self.contended: set[str] = set()
+        #: Entries being passed on now, per GPU (still this replica's in Redis).
+        self._passing: dict[str, int] = {}
+        #: Set by ``Replica``: whether requests wait here for a GPU; a held-back slot is
+        #: free here after all.
+        self.waiting_here: Callable[[str], bool] = lambda _gpu_id: False
+        self.slot_back: Callable[[str], None] = lambda _gpu_id: None
 
     async def take(self, gpu_id: str, limit: int) -> str | None:
         spare = self._spare.get(gpu_id)
@@ -93,11 +118,41 @@ class SharedSlotGate:
             await self.holder.release(member)
         return await self.holder.acquire(gpu_id, limit)
 
-    def put_back(self, gpu_id: str, member: str) -> None:
+    def put_back(self, gpu_id: str, member: str) -> bool:
         if not self.holder.intact(member):  # never hand on an entry Redis may have lost
             self._later(self.holder.release(member))
-            return
+            return True
+        if self.turns is not None and gpu_id in self.contended:
+            self._later(self._pass_on(gpu_id, member, self.waiting_here(gpu_id), back=True))
+            return False
         self._spare.setdefault(gpu_id, []).append((time.monotonic(), member))
+        return True
+
+    async def _pass_on(self, gpu_id: str, member: str, waiting_here: bool, *,
+                       back: bool) -> None:
+        """Give ``member``'s slot to whoever's turn it is; ``back``: the engine held the
+        slot back and is told when it is free here after all."""
+        assert self.turns is not None
+        self._passing[gpu_id] = self._passing.get(gpu_id, 0) + 1
+        try:
+            passed: Passed | None = await self.turns.pass_on(gpu_id, member,
+                                                             waiting_here=waiting_here)
+        except StoreUnreachable as exc:
+            log.warning("could not pass a slot on (Redis unreachable): %s", exc)
+            passed = None
+        finally:
+            self._passing[gpu_id] -= 1
+        if passed is Passed.KEPT:
+            self._spare.setdefault(gpu_id, []).append((time.monotonic(), member))
+        elif passed is None:
+            await self.holder.release(member)  # fails quietly: the entry expires
+        else:  # freed or handed by the script: the entry is no longer this replica's
+            self.holder.forget(member)
+        if back and passed is not Passed.HANDED:
+            self.slot_back(gpu_id)
+
+    def passing(self, gpu_id: str) -> int:
+        return self._passing.get(gpu_id, 0)
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -108,12 +163,16 @@ class SharedSlotGate:
         return len(self._spare.get(gpu_id, ()))
 
     def return_spares(self) -> None:
-        """Give back to Redis, in one round trip, the entries no local waiter took within
-        ``SPARE_SECONDS`` (so an idle replica's releases cost one call per sync, not one
-        per request)."""
+        """Give back to Redis, in one round trip, the entries no local request took within
+        ``SPARE_SECONDS`` (so a replica's releases cost one call per sync at most, not one
+        per request), and pass on at once the spares of GPUs another replica waits for."""
         cutoff = time.monotonic() - SPARE_SECONDS
         due: list[str] = []
-        for spare in self._spare.values():
+        for gpu_id, spare in self._spare.items():
+            if gpu_id in self.contended and self.turns is not None:
+                while spare:
+                    member = spare.pop()[1]
+                    self._later(self._pass_on(gpu_id, member, False, back=False))
             while spare and spare[0][0] <= cutoff:
                 due.append(spare.pop(0)[1])
         if due:
@@ -184,31 +243,42 @@ class Replica:
     """One gateway's part in a group of replicas: its slots, its lease, its duties."""
 
     def __init__(self, engine: Engine, gate: SharedSlotGate, lease: LeaderLease,
-                 actions: CloudActions, *, auto_pause: bool) -> None:
+                 actions: CloudActions, *, auto_pause: bool,
+                 client: aioredis.Redis | None = None) -> None:
         self.engine = engine
         self.gate = gate
         self.lease = lease
         self.actions = actions
         self.auto_pause = auto_pause
+        self.client = client  # for the turns channel (``_listen``)
         self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._waking: dict[str, asyncio.Task[object]] = {}
         #: Leases, ledger rows, learnt models and history (``ReplicaSet.join`` sets it).
         self.sharing: SharedState | None = None
+        #: Set to sync now rather than at the next period (a request queued, a slot handed).
+        self._poke = asyncio.Event()
         engine.attach_gate(gate)
+        engine.on_queue = self._poke.set
+        gate.waiting_here = lambda gpu_id: gpu_id in engine.waiting_gpus()
+        gate.slot_back = engine.slot_back
         engine.config.gpu.auto_pause = False  # until this replica leads
 
     async def start(self) -> None:
         await self._lead()
         self.gate.holder.start()
         self._task = asyncio.ensure_future(self._run())
+        if self.client is not None and self.gate.turns is not None:
+            self._listener = asyncio.ensure_future(self._listen(self.client, self.gate.turns))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for task in self._waking.values():
-            task.cancel()
+        for task in (self._task, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for waking in self._waking.values():
+            waking.cancel()
         await self.gate.close()
         await self.lease.resign()
 
@@ -219,13 +289,15 @@ class Replica:
     async def _run(self) -> None:
         last_step = time.monotonic()
         while True:
-            await asyncio.sleep(SYNC_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), SYNC_SECONDS)
+            self._poke.clear()
             try:
                 if time.monotonic() - last_step >= self.lease.interval:
                     last_step = time.monotonic()
                     await self._lead()
-                self.gate.return_spares()
                 await self._sync()
+                self.gate.return_spares()
                 if self.sharing is not None:
                     await self.sharing.step()
                 if self.lease.is_leader:
@@ -239,15 +311,54 @@ class Replica:
                 log.exception("replica sync failed")
 
     async def _sync(self) -> None:
-        """Count the other replicas' slots into each ready GPU's ``in_use``."""
-        gpus = [g for g in self.engine.gpus() if g.state.ready]
+        """Count the other replicas' slots (overall and per user) into each ready GPU, and
+        register where requests wait here for a turn; one round trip for all GPUs."""
+        gpus = [g.id for g in self.engine.gpus() if g.state.ready]
         if not gpus:
             return
+        if self.gate.turns is None:
+            local = self.engine.local_slots()
+            for gpu_id in gpus:
+                used = await self.gate.holder.slots.in_use(gpu_id)
+                mine = local.get(gpu_id, 0) + self.gate.spares(gpu_id)
+                self.engine.set_foreign(gpu_id, max(0, used - mine))
+            return
+        waiting = self.engine.waiting_gpus()
+        turns = await self.gate.turns.sync(
+            {g: (g in waiting, self.engine.held_by_user(g)) for g in gpus})
         local = self.engine.local_slots()
-        for view in gpus:
-            used = await self.gate.holder.slots.in_use(view.id)
-            mine = local.get(view.id, 0) + self.gate.spares(view.id)
-            self.engine.set_foreign(view.id, max(0, used - mine))
+        self.gate.contended = {g for g, turn in turns.items() if turn.others_waiting}
+        for gpu_id, turn in turns.items():
+            mine = local.get(gpu_id, 0) + self.gate.spares(gpu_id) + self.gate.passing(gpu_id)
+            self.engine.set_foreign(gpu_id, max(0, turn.in_use - mine - turn.handed))
+            self.engine.set_user_foreign(gpu_id, turn.users)
+
+    async def _listen(self, client: aioredis.Redis, turns: SlotTurns) -> None:
+        """Hear at once when another replica starts waiting for a GPU (its slots freed here
+        are passed on from now) or hands this one a slot (sync now to take it)."""
+        while True:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(turns.channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    news = turns.parse(message["data"]) if message else None
+                    if news is None:
+                        continue
+                    if news.kind == "wait" and news.replica != turns.replica:
+                        self.gate.contended.add(news.gpu_id)
+                        self._poke.set()
+                    elif news.kind == "hand" and news.replica == turns.replica:
+                        self._poke.set()
+            except StoreUnreachable as exc:
+                log.warning("turns channel lost (Redis unreachable): %s", exc)
+                await asyncio.sleep(1.0)
+            except Exception:  # keep listening: the sync still carries the news, later
+                log.exception("turns channel failed")
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(*StoreUnreachable):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _serve_wanted(self) -> None:
         """The leader wakes what followers asked for (its own wake is single-flight)."""
@@ -298,7 +409,9 @@ class ReplicaSet:
         self.client = connect(url)
         # pid@host: an operator (and a test) can tell which process holds a slot or leads.
         replica = replica or f"{os.getpid()}@{socket.gethostname()}"
-        self.holder = SlotHolder(GlobalSlots(self.client), replica=replica)
+        slots = GlobalSlots(self.client)
+        self.holder = SlotHolder(slots, replica=replica)
+        self.turns = SlotTurns(slots, self.client, replica)
         self.lease = LeaderLease(self.client, self.holder.replica)
         self.actions = CloudActions(self.client)
         self.keys = SharedKeys(self.client)
@@ -316,8 +429,9 @@ class ReplicaSet:
         self.keys.start()
 
     async def join(self, engine: Engine) -> Replica:
-        self.replica = Replica(engine, SharedSlotGate(self.holder), self.lease, self.actions,
-                               auto_pause=engine.config.gpu.auto_pause)
+        self.replica = Replica(engine, SharedSlotGate(self.holder, self.turns), self.lease,
+                               self.actions, auto_pause=engine.config.gpu.auto_pause,
+                               client=self.client)
         self.replica.sharing = SharedState(engine, self.client, self.lease)
         await self.replica.start()
         return self.replica

@@ -86,6 +86,8 @@ class Gateway:
     node_token: str | None = None
     connect_timeout: float = 5.0
     manage_engine: bool = True
+    #: Replicas: a header naming the replica that served (``x-gpuctl-replica: pid@host``).
+    replica_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     pool: Pool = field(init=False)
     http: httpx.AsyncClient = field(init=False)
     auth: Authenticator = field(init=False)

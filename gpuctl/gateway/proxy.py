@@ -415,6 +415,7 @@ class _Call:
             (b"x-gpuctl-gpu", ticket.gpu_name.encode("latin-1", "replace")),
             (b"x-gpuctl-wait-seconds", f"{ticket.waited_seconds:.3f}".encode()),
             (b"x-gpuctl-reason", ticket.reason.encode("latin-1", "replace")),
+            *self.gw.replica_headers,
         ]
 
     async def _end_broken(self, tail: bytes, message: str) -> None:

@@ -7,10 +7,20 @@ engine over a simulated fleet of 10 warm GPUs (fake clock), and times ``acquire`
 ``release`` per request in three ways:
 
 - ``single``: no Redis (``store.url`` empty), today's path;
-- ``replica, hand-off``: a slot freed and taken again on the same replica keeps its Redis
-  entry (no round trip), the common case under load when requests queue;
-- ``replica, round trip``: every grant takes an entry in Redis (one Lua script) and every
-  release gives it back (one ZREM), the case of an idle fleet.
+- ``replica alone``: no other replica waits for the GPU, so a freed slot keeps its Redis
+  entry as a spare for this replica's next request (``SPARE_SECONDS``, 2 s): no round trip
+  while a GPU gets a request at least every 2 s from this replica;
+- ``replica, fresh slot``: every grant takes an entry in Redis (one Lua script) and every
+  release gives it back (one ZREM, batched per sync in the gateway, one per request here):
+  requests further apart than the spare's 2 s. (Before spares lasted 2 s, 0.1 s, this was
+  the path of every request on a lightly used fleet.)
+
+While another replica waits for the GPU, a release costs one script call instead (whose
+turn), about what an acquire costs. The second table gives the client CPU of one call of
+each kind through redis-py's asyncio client: a ``PING`` (the floor of any call), the
+acquire script through redis-py's ``Script`` object and through a bare
+``execute_command("EVALSHA", …)`` with the preloaded SHA, a ``ZREM`` and a one-command
+pipeline.
 
 Figures: the benchmark thread's CPU per request (``time.thread_time_ns``: the gateway's own
 cost, what the issue's "per-request CPU" means), wall time per request, and the Redis
@@ -79,6 +89,43 @@ async def _round(engine: Engine, gate: SharedSlotGate | None, calls: int,
     return cpu, wall, srv
 
 
+async def _call_costs(url: str, calls: int) -> list[tuple[str, float]]:
+    """Client CPU µs of one Redis call of each kind (see the module docstring)."""
+    client = connect(url)
+    slots = GlobalSlots(client)
+    script = slots._acquire  # the acquire script, registered
+    await client.script_load(script.script)
+    keys = [slots.key("bench-gpu"), slots.hand_key("bench-gpu", "bench")]
+
+    async def through_script(i: int) -> None:
+        await script(keys=keys, args=[10**9, 15_000, f"m{i}"])
+
+    async def evalsha(i: int) -> None:
+        await client.execute_command("EVALSHA", script.sha, 2, *keys, 10**9, 15_000, f"m{i}")
+
+    async def zrem(i: int) -> None:
+        await client.zrem(keys[0], f"m{i}")
+
+    async def pipeline(i: int) -> None:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.zrem(keys[0], f"m{i}")
+            await pipe.execute()
+
+    async def ping(_i: int) -> None:
+        await client.execute_command("PING")
+
+    costs = []
+    for label, call in (("PING", ping), ("acquire, Script object", through_script),
+                        ("acquire, execute_command EVALSHA", evalsha), ("ZREM", zrem),
+                        ("ZREM in a pipeline", pipeline)):
+        cpu0 = time.thread_time_ns()
+        for i in range(calls):
+            await call(i)
+        costs.append((label, (time.thread_time_ns() - cpu0) / calls / 1000))
+    await client.aclose()
+    return costs
+
+
 async def bench(calls: int, rounds: int) -> None:
     rows: list[tuple[str, float, float, float]] = []
     engine = await _engine()
@@ -91,8 +138,8 @@ async def bench(calls: int, rounds: int) -> None:
         server.start()
         try:
             assert server.proc is not None
-            for label, round_trip in (("replica, hand-off", False),
-                                      ("replica, round trip", True)):
+            for label, round_trip in (("replica alone", False),
+                                      ("replica, fresh slot", True)):
                 replicas_mod.SPARE_SECONDS = 0.0 if round_trip else 3600.0
                 client = connect(server.url)
                 gate = SharedSlotGate(SlotHolder(GlobalSlots(client)))
@@ -104,6 +151,7 @@ async def bench(calls: int, rounds: int) -> None:
                 await engine.stop()
                 await gate.close()
                 await client.aclose()
+            costs = await _call_costs(server.url, calls)
         finally:
             server.stop()
 
@@ -114,6 +162,9 @@ async def bench(calls: int, rounds: int) -> None:
     for label, cpu, wall, srv in rows:
         ratio = (REQUEST_CPU_US + cpu - base) / REQUEST_CPU_US
         print(f"{label:<22} {cpu:>10.1f} {wall:>11.1f} {srv:>12.1f} {ratio:>23.2f}×")
+    print(f"\n{'one Redis call':<34} {'client CPU µs':>13}")
+    for label, cpu in costs:
+        print(f"{label:<34} {cpu:>13.1f}")
 
 
 def main() -> None:

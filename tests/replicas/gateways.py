@@ -26,6 +26,8 @@ from gpuctl.store.keys import KeyStore
 
 TOKEN = "sim-token"
 SECRET = "sk-replica-test-" + "x" * 32
+#: A second user, for the tests of fairness between users (``prepare_state(..., bob=True)``).
+SECRET_BOB = "sk-replica-bob-" + "y" * 32
 SLOTS = 2
 
 
@@ -65,10 +67,11 @@ def fleet(gpus: int, *, resume_seconds: float = 1.0, chunks: int = 5,
         yield Fleet(sim, sim_url, nodes, models)
 
 
-def _prepare_state(state: Path, fleet: Fleet) -> None:
+def prepare_state(state: Path, fleet: Fleet, *, bob: bool = False) -> None:
     state.mkdir(parents=True, exist_ok=True)
     keys_file = state / "api_keys.json"
-    keys_file.write_text(json.dumps({"api_keys": {SECRET: {"name": "alice"}}}))
+    users = {SECRET: {"name": "alice"}} | ({SECRET_BOB: {"name": "bob"}} if bob else {})
+    keys_file.write_text(json.dumps({"api_keys": users}))
     keys = KeyStore.open(state)
     keys.import_file(keys_file)
     keys.close()
@@ -96,13 +99,13 @@ def env(fleet: Fleet, redis_url: str, state: Path) -> dict[str, str]:
 @contextlib.contextmanager
 def replicas(start: Callable[..., contextlib.AbstractContextManager[subprocess.Popen[str]]],
              fleet: Fleet, redis_url: str, home: Path, count: int,
-             extra: dict[str, str] | None = None) -> Iterator[Fleet]:
+             extra: dict[str, str] | None = None, *, bob: bool = False) -> Iterator[Fleet]:
     """``count`` gateway processes (``gpuctl_process``), their URLs in ``fleet.urls``;
-    ``extra``: more environment (config) for every one."""
+    ``extra``: more environment (config) for every one; ``bob``: a second user's key too."""
     with contextlib.ExitStack() as stack:
         for i in range(count):
             state = home / f"replica-{i}"
-            _prepare_state(state, fleet)
+            prepare_state(state, fleet, bob=bob)
             proc = stack.enter_context(
                 start("serve", "--port", "0",
                       env={**env(fleet, redis_url, state), **(extra or {})}))

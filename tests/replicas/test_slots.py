@@ -123,3 +123,38 @@ async def test_an_entry_is_not_trusted_after_an_outage_until_written_back(
         assert await holder.slots.in_use("gpu-a") == 1
     finally:
         await client.aclose()
+
+
+async def _script_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+               for name in ("eval", "evalsha"))
+
+
+async def test_a_burst_of_acquires_goes_to_redis_in_one_call_and_none_fails(
+        redis_client: aioredis.Redis) -> None:
+    holder = SlotHolder(GlobalSlots(redis_client), replica="burst")
+    await holder.release(str(await holder.acquire("warm-up", 1)))  # the script is loaded
+    before = await _script_calls(redis_client)
+    got = await asyncio.gather(*[holder.acquire(f"gpu-{i % 3}", 50) for i in range(300)])
+    calls = await _script_calls(redis_client) - before
+    assert 1 <= calls <= 3, calls  # 300 acquires: a handful of round trips, not 300
+    assert sum(m is not None for m in got) == 150  # 3 GPUs of 50 slots, exactly
+    assert [await holder.slots.in_use(f"gpu-{i}") for i in range(3)] == [50, 50, 50]
+
+
+async def test_an_acquire_cancelled_in_flight_leaves_no_entry_behind(
+        redis_client: aioredis.Redis) -> None:
+    holder = SlotHolder(GlobalSlots(redis_client), replica="gone")
+    for _ in range(3):  # cancelled before the call is sent, while in flight, ...
+        task = asyncio.ensure_future(holder.acquire("gpu-a", 4))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    for _ in range(100):  # the replies come back; the entries are given back
+        if await holder.slots.in_use("gpu-a") == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await holder.slots.in_use("gpu-a") == 0
+    assert holder.held == 0

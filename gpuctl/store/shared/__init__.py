@@ -5,6 +5,7 @@ Each module holds one kind of shared state and says in its docstring what it gua
 - ``slots``: global slot counts per GPU, per-request entries with a TTL (never exceeded).
 - ``leader``: the leader lease with a fencing token (one writer toward the cloud).
 - ``actions``: cloud actions in flight and "wanted" wakes (fenced by the leader's token).
+- ``turns``: whose turn a freed slot is across replicas, and per-user counts (fairness).
 - ``keys``: API keys and revocations, reaching every replica within a second.
 - ``leases``: every replica's leases per GPU (a later end wins).
 - ``journal``: one stream of ledger rows and learnt facts that every replica reads.
@@ -20,16 +21,21 @@ from gpuctl.store.shared.connect import StoreUnreachable, connect, unreachable
 from gpuctl.store.shared.keys import ReplicaKeys, SharedKeys
 from gpuctl.store.shared.leader import LeaderLease
 from gpuctl.store.shared.slots import GlobalSlots, SlotHolder
+from gpuctl.store.shared.turns import GpuTurn, Passed, SlotTurns, TurnNews
 
 __all__ = [
     "CloudActions",
     "GlobalSlots",
+    "GpuTurn",
     "LeaderLease",
+    "Passed",
     "ReplicaKeys",
     "SharedAction",
     "SharedKeys",
     "SlotHolder",
+    "SlotTurns",
     "StoreUnreachable",
+    "TurnNews",
     "connect",
     "unreachable",
 ]
