@@ -22,19 +22,20 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gpuctl"
 ALLOWED: dict[str, frozenset[str] | None] = {
     "errors": frozenset(),
     "asgi": frozenset(),
+    "tasks": frozenset(),
     "config": frozenset({"errors"}),
     "credentials": frozenset({"errors"}),
-    "store": frozenset({"errors", "config"}),
+    "store": frozenset({"errors", "config", "tasks"}),
     "cloud": frozenset({"errors", "config", "credentials"}),
     # The node client fills a workspace's address into ``gpu.ollama_url``: the one type
     # it takes from the cloud layer.
     "node": frozenset({"errors", "config", "cloud.base"}),
-    "engine": frozenset({"errors", "config", "cloud", "node", "store"}),
-    "gateway": frozenset({"errors", "config", "asgi", "engine", "store"}),
+    "engine": frozenset({"errors", "config", "tasks", "cloud", "node", "store"}),
+    "gateway": frozenset({"errors", "config", "tasks", "asgi", "engine", "store"}),
     # The simulators stand in for the outside world in the demo, tests and benchmarks; they
     # may serve themselves the way the gateway serves (nothing below may import them).
-    "sim": frozenset({"errors", "config", "asgi", "cloud", "node", "store", "engine",
-                      "gateway"}),
+    "sim": frozenset({"errors", "config", "tasks", "asgi", "cloud", "node", "store",
+                      "engine", "gateway"}),
     "cli": None,
     "__init__": None,
     "__main__": None,

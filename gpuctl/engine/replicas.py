@@ -54,6 +54,7 @@ from gpuctl.store.shared import (
     SlotTurns,
     StoreUnreachable,
 )
+from gpuctl.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -273,10 +274,7 @@ class Replica:
 
     async def stop(self) -> None:
         for task in (self._task, self._listener):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         for waking in self._waking.values():
             waking.cancel()
         await self.gate.close()

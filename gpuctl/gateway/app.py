@@ -12,7 +12,6 @@ lifecycle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -38,6 +37,7 @@ from gpuctl.gateway.replies import (
     reply_error,
 )
 from gpuctl.store.keys import KeyStore
+from gpuctl.tasks import cancel_and_wait
 
 __all__ = ["GatewayApp", "create_app"]
 
@@ -188,9 +188,7 @@ def _install_lifecycle(quart: Quart, gw: Gateway) -> None:
     async def stop() -> None:
         await gw.stalls.stop()
         for task in flusher:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         gw.keys.flush()
         if gw.manage_engine and gw.startup_error is None:
             await gw.engine.stop()

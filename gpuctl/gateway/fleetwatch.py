@@ -22,6 +22,7 @@ from gpuctl.engine.api import GpuState
 from gpuctl.engine.overview import FleetOverview
 from gpuctl.gateway.context import EngineFace
 from gpuctl.store.store import UsageTotals
+from gpuctl.tasks import cancel_and_wait
 
 __all__ = ["FleetWatch", "StreamLimit", "TimelineEntry"]
 
@@ -64,11 +65,8 @@ class FleetWatch:
             self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     def look(self) -> None:
         """Take a snapshot now; bump the version and wake the streams if it changed."""

@@ -18,9 +18,10 @@ in the app:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Protocol
+
+from gpuctl.tasks import cancel_and_wait
 
 __all__ = ["ClientShare", "StallWatch", "Stallable"]
 
@@ -47,10 +48,7 @@ class StallWatch:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()

@@ -32,6 +32,8 @@ import socket
 import struct
 import sys
 
+from gpuctl.tasks import cancel_and_wait
+
 __all__ = ["SilentConnections", "TcpActivity", "tcp_activity"]
 
 log = logging.getLogger(__name__)
@@ -99,10 +101,7 @@ class SilentConnections:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         every = min(_MAX_EVERY, max(_MIN_EVERY, self.timeout / 3))

@@ -13,7 +13,6 @@ it, and every replica sees it at its next sync after that).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import secrets
@@ -24,6 +23,7 @@ import redis.asyncio as aioredis
 from gpuctl.errors import NotFoundError
 from gpuctl.store.keys import KEY_PREFIX, ApiKey, KeyStore, hash_key
 from gpuctl.store.shared.connect import StoreUnreachable, text, unreachable
+from gpuctl.tasks import cancel_and_wait
 
 __all__ = ["SYNC_SECONDS", "ReplicaKeys", "SharedKeys"]
 
@@ -177,11 +177,8 @@ class SharedKeys:
             await asyncio.sleep(SYNC_SECONDS)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
 
 class ReplicaKeys(KeyStore):

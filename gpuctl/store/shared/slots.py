@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from gpuctl.store.shared.connect import StoreUnreachable, unreachable
+from gpuctl.tasks import cancel_and_wait
 
 __all__ = ["DEFAULT_TTL_SECONDS", "GlobalSlots", "SlotHolder"]
 
@@ -347,10 +348,7 @@ class SlotHolder:
 
     async def stop(self) -> None:
         """Stop renewing and give back whatever is still held."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         for member in list(self._held):
             await self.release(member)
