@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +22,7 @@ from gpuctl.store.ledger import RequestRow
 __all__ = [
     "ActionResult",
     "EngineMetrics",
+    "GpuGlance",
     "GpuMetrics",
     "GpuState",
     "GpuView",
@@ -47,6 +48,15 @@ class GpuState(str, Enum):
     @property
     def ready(self) -> bool:
         return self in (GpuState.IDLE, GpuState.ACTIVE, GpuState.BUSY)
+
+
+class GpuGlance(NamedTuple):
+    """A GPU's id, state and cloud status: what a replica's sync loop reads of every GPU,
+    five times a second, without building a ``GpuView`` (a pydantic model) for each."""
+
+    id: str
+    state: GpuState
+    cloud_status: str
 
 
 class LeaseView(BaseModel):

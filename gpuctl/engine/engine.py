@@ -37,6 +37,7 @@ from gpuctl.engine.actions import Actions
 from gpuctl.engine.api import (
     ActionResult,
     EngineMetrics,
+    GpuGlance,
     GpuView,
     ModelView,
     ProgressCallback,
@@ -894,6 +895,10 @@ class Engine:
     def gpus(self) -> list[GpuView]:
         self._roster.expire(self.clock.now())
         return [self._view(g) for g in sorted(self._gpus.values(), key=lambda g: g.name)]
+
+    def glance(self) -> list[GpuGlance]:
+        """Every GPU's id, state and cloud status, cheaply (no views built, no order)."""
+        return [GpuGlance(g.id, g.state, g.ws.status) for g in self._gpus.values()]
 
     def gpu(self, ref: str) -> GpuView:
         """One GPU by id, exact name or unique name prefix (``GpuNotFound``, ``UsageError``)."""

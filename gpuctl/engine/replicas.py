@@ -20,7 +20,8 @@ With ``store.url = "redis://…"`` each gateway's engine runs as before, plus th
   a resume becomes a "wanted" record for the leader, and the follower's engine watches the
   cloud just as if it had sent it; followers never pause.
 - **The leader's duties** (``Replica._run``): renew the lease, act on wanted wakes within a
-  second, close claims the cloud has finished, and idle-pause only while leading.
+  second (``DUTY_SECONDS``), close claims the cloud has finished, and idle-pause only
+  while leading.
 
 Keys: each replica publishes its key table at start and authenticates against the shared
 directory (``store.shared.keys``); ``gpuctl keys`` publishes after each change.
@@ -65,8 +66,11 @@ __all__ = ["FencedCloud", "Replica", "SharedSlotGate", "SlotGate"]
 
 log = logging.getLogger(__name__)
 
-#: How often a replica re-reads the others' slot counts and the leader reads wanted wakes.
+#: How often a replica re-reads the others' slot counts (and sooner when poked).
 SYNC_SECONDS = 0.2
+#: How often the leader reads wanted wakes and closes finished actions, and a follower
+#: asks again for the wakes it waits on: within a second, as the design promises.
+DUTY_SECONDS = 0.5
 
 #: A slot entry kept for a local request goes back to Redis if nobody took it this soon
 #: (while no other replica waits for the GPU: then it is passed on at once). Short against
@@ -286,6 +290,7 @@ class Replica:
 
     async def _run(self) -> None:
         last_step = time.monotonic()
+        last_duties = float("-inf")
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), SYNC_SECONDS)
@@ -298,6 +303,9 @@ class Replica:
                 self.gate.return_spares()
                 if self.sharing is not None:
                     await self.sharing.step()
+                if time.monotonic() - last_duties < DUTY_SECONDS:
+                    continue
+                last_duties = time.monotonic()
                 if self.lease.is_leader:
                     await self._serve_wanted()
                     await self._close_finished()
@@ -311,7 +319,7 @@ class Replica:
     async def _sync(self) -> None:
         """Count the other replicas' slots (overall and per user) into each ready GPU, and
         register where requests wait here for a turn; one round trip for all GPUs."""
-        gpus = [g.id for g in self.engine.gpus() if g.state.ready]
+        gpus = [g.id for g in self.engine.glance() if g.state.ready]
         if not gpus:
             return
         if self.gate.turns is None:
@@ -389,9 +397,9 @@ class Replica:
     async def _rewant(self) -> None:
         """A follower keeps asking while its engine waits on a paused GPU, so a new leader
         (the old one died) hears of it within a second too."""
-        for view in self.engine.gpus():
-            if view.state is GpuState.STARTING and view.cloud_status == "paused":
-                await self.actions.want(view.id)
+        for gpu in self.engine.glance():
+            if gpu.state is GpuState.STARTING and gpu.cloud_status == "paused":
+                await self.actions.want(gpu.id)
 
 
 class ReplicaSet:

@@ -3,10 +3,11 @@
 ``Replica._run`` calls ``step`` a few times a second (``replicas.SYNC_SECONDS``); every
 network round trip happens here, in the background, in batches, never on a request's path:
 
-- **Leases** (``store.shared.leases``): when this engine's leases changed, they are merged
-  into Redis (a later end wins); every step the others' are read back and merged into the
-  engine's ``LeaseBook`` (``Engine.merge_leases``), so the leader's idle pause keeps a GPU
-  a user of another replica holds, and that user's requests here go back to it.
+- **Leases** (``store.shared.leases``), every ``LEASE_SYNC_SECONDS``: when this engine's
+  leases changed, they are merged into Redis (a later end wins); when any replica's
+  changed, they are read back and merged into the engine's ``LeaseBook``
+  (``Engine.merge_leases``), so the leader's idle pause keeps a GPU a user of another
+  replica holds, and that user's requests here go back to it.
 - **The ledger and learnt facts** (``store.shared.ledger``), every ``PUBLISH_SECONDS``:
   this store's new request rows, timeline events, model lists, resume and load times go to
   the journal; the other replicas' are folded into this store and into the engine's
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 #: How often the ledger is published and folded: the delay before another replica's
 #: ``/admin/usage`` shows a request (plus the request log's flush, done here first).
 PUBLISH_SECONDS = 1.0
+#: How often leases are published (when they changed) and the others' merged in: leases
+#: last minutes, and idle pause acts on minutes, so a second late is no news.
+LEASE_SYNC_SECONDS = 1.0
 #: Leases are published again this often even unchanged, so a Redis that restarted empty
 #: has them back soon.
 LEASES_AGAIN_SECONDS = 5.0
@@ -71,18 +75,22 @@ class SharedState:
         self._published_leases = -1
         self._leases_at = float("-inf")
         self._last_publish = float("-inf")
+        self._last_lease_sync = float("-inf")
         self._was_leader = False
         engine.ledger.leading = lambda: lease.is_leader
         engine.lag_meter(METER_LAG_SECONDS)
 
     async def step(self) -> None:
-        """One round: leases every time, the ledger every ``PUBLISH_SECONDS``."""
+        """One round: leases every ``LEASE_SYNC_SECONDS``, the ledger every
+        ``PUBLISH_SECONDS``."""
         leading = self.lease.is_leader
         if leading and not self._was_leader:
             await self._fold()  # the old leader's last events first
             self.engine.ledger.resync()
         self._was_leader = leading
-        await self.sync_leases()
+        if time.monotonic() - self._last_lease_sync >= LEASE_SYNC_SECONDS:
+            self._last_lease_sync = time.monotonic()
+            await self.sync_leases()
         if time.monotonic() - self._last_publish >= PUBLISH_SECONDS:
             self._last_publish = time.monotonic()
             for _ in range(MAX_CALLS):  # small batches, the loop serving between them
@@ -108,7 +116,9 @@ class SharedState:
             await self.leases.publish(engine.lease_records(), wall)
             self._published_leases = version
             self._leases_at = time.monotonic()
-        found = await self.leases.read([view.id for view in engine.gpus()], wall)
+        found = await self.leases.read(sorted(g.id for g in engine.glance()), wall)
+        if found is None:  # no lease changed anywhere since the last read
+            return
         before = engine.lease_version
         engine.merge_leases(found)
         if before == version:

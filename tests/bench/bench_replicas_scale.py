@@ -1,29 +1,40 @@
 """Benchmark: relayed chunks/s of one gateway process vs two replicas (``serve --workers 2``)
 sharing one Redis, on this machine's two cores.
 
-Run: ``.venv/bin/python tests/bench/bench_replicas_scale.py [--streams 256] [--repeats 3]``.
+Run: ``.venv/bin/python tests/bench/bench_replicas_scale.py [--streams 128] [--repeats 3]``.
 It prints figures and asserts nothing.
 
 Setup: one simulated Ollama node (``bench_gateway.py --role node``: 32 chunks 50 ms apart)
 and the lean load generator of ``bench_gateway.py``; a real ``redis-server``; the gateway
-as ``gpuctl serve`` runs it (static provider, keys in SQLite) in three shapes: one process
-without Redis, one replica with ``store.url``, and ``--workers 2``. Each phase runs
-``--streams`` concurrent streams for a bounded time.
+as ``gpuctl serve`` runs it (static provider, keys in SQLite) in four shapes: one process
+without Redis, one replica with ``store.url``, ``--workers 2``, and ``--workers 2`` again
+under half the load. Each phase runs for a bounded time.
 
-Why two figures. Two cores cannot run two saturated gateways *and* the node and the load
+Why capacity. Two cores cannot run two saturated gateways *and* the node and the load
 generator that feed them: whatever the gateways gain, the node and the client lose, so the
 wall-clock chunks/s of the whole machine says little about the gateways. What scales is
 the gateway's CPU per relayed chunk: ``capacity`` is the chunks/s one core of gateway
 would relay at the measured cost (1 / CPU per chunk), summed over the processes that can
 each have a core; the scaling figure is the two-worker capacity over the one-process
-capacity (2.0× means a replica costs nothing extra per chunk). The wall-clock chunks/s and
-the split of CPU between the two workers are printed beside it. Before the streams, a
-phase of non-streamed chats on 64 connections gives the CPU per request (all processes).
-CPU comes from
-``/proc/<pid>/task/*/schedstat`` (ns), counted until ``SETTLE_SECONDS`` after each phase,
-so the background work the requests cause (a replica publishes and folds in their ledger
-rows about once a second) is charged to them; each process's idle CPU rate (the replica's
-sync loop, heartbeats), measured before any load, is subtracted ("net").
+capacity (2.0× means a replica costs nothing extra per chunk).
+
+Why the load is per process. A gateway's CPU per chunk falls as its load rises (one turn
+of the event loop serves more sockets: 65 µs at 128 streams, 53 µs at 256, measured here),
+so two workers that share the load of one process each run at half its load and look
+dearer for a reason that has nothing to do with replicas. Two gateways that each have a
+core, as the issue's figure asks, each carry a full load: so each shape gets ``--streams``
+streams and ``CONNECTIONS`` connections of plain chats *per process* (the two-worker shape
+twice the one-process load; the machine carries that: it is the load of one process at
+256 streams). The half-load shape, two workers under one process's load, is printed
+beside it for comparison.
+
+Before the streams, a phase of plain (non-streamed) chats gives the CPU per request (all
+processes). CPU comes from ``/proc/<pid>/task/*/schedstat`` (ns), counted until
+``SETTLE_SECONDS`` after each phase, so the background work the requests cause (a replica
+publishes and folds in their ledger rows about once a second) is charged to them; each
+process's idle CPU rate (the replica's sync loop, heartbeats), measured before any load, is
+subtracted ("net"). Each repeat runs every shape in turn, so a slow spell of the machine
+touches all of them; medians and each run's ratios are printed.
 """
 
 from __future__ import annotations
@@ -56,6 +67,12 @@ from tests.bench.bench_gateway import (  # noqa: E402
 from tests.replicas.redis_server import RedisServer  # noqa: E402
 
 GATEWAY_BENCH = ROOT / "tests" / "bench" / "bench_gateway.py"
+ONE = "one process, no Redis"
+REPLICA = "one replica (Redis)"
+TWO = "two workers (Redis)"
+TWO_SAME_TOTAL = "two workers, half load"
+#: Connections of plain (non-streamed) chats per gateway process.
+CONNECTIONS = 64
 #: Background work a phase causes (ledger rows published about once a second) is done by
 #: this long after it.
 SETTLE_SECONDS = 3.0
@@ -84,7 +101,7 @@ def _home(tmp: Path, node_url: str) -> tuple[Path, str]:
     return home, key
 
 
-async def _phase(url: str, key: str, pids: list[int], streams: int,
+async def _phase(url: str, key: str, pids: list[int], streams: int, connections: int,
                  seconds: float) -> dict[str, float]:
     load = Load(url, key)
     await asyncio.sleep(SETTLE_SECONDS)  # the start's background work done
@@ -105,7 +122,7 @@ async def _phase(url: str, key: str, pids: list[int], streams: int,
         return phase, {pid: cpu_seconds(pid) - cpu0[pid] - idle[pid] * took for pid in pids}
 
     plain, plain_net = await charged(
-        run_phase(load, None, 64, stream=False, per_client=150, time_limit=seconds))
+        run_phase(load, None, connections, stream=False, per_client=150, time_limit=seconds))
     plain_cpu = sum(plain_net.values())
     phase, net = await charged(
         run_phase(load, None, streams, stream=True, per_client=100, time_limit=seconds))
@@ -115,8 +132,8 @@ async def _phase(url: str, key: str, pids: list[int], streams: int,
     # One core each: the capacity of n processes is n chunks per (CPU per chunk) second.
     per_chunk = total / chunks
     return {
-        "requests_per_s_c64": plain.requests / plain.seconds,
-        "net_cpu_us_per_req_c64": plain_cpu / max(1, plain.requests) * 1e6,
+        "requests_per_s": plain.requests / plain.seconds,
+        "net_cpu_us_per_req": plain_cpu / max(1, plain.requests) * 1e6,
         "chunks_per_s": phase.chunks / phase.seconds,
         "errors": phase.errors + plain.errors,
         "net_cpu_us_per_chunk": per_chunk * 1e6,
@@ -127,7 +144,7 @@ async def _phase(url: str, key: str, pids: list[int], streams: int,
 
 
 async def _shape(label: str, args: list[str], env: dict[str, str], key: str,
-                 streams: int, seconds: float) -> dict[str, float]:
+                 streams: int, connections: int, seconds: float) -> dict[str, float]:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gpuctl", "serve",  # noqa: ASYNC220
                              "--port", str(port), *args], env=env, stderr=subprocess.DEVNULL)
@@ -137,7 +154,7 @@ async def _shape(label: str, args: list[str], env: dict[str, str], key: str,
         workers = "--workers" in args
         pids = _children(proc.pid) if workers else [proc.pid]
         print(f"{label}: serving (pids {pids})", file=sys.stderr, flush=True)
-        return await _phase(url, key, pids, streams, seconds)
+        return await _phase(url, key, pids, streams, connections, seconds)
     finally:
         proc.terminate()
         try:
@@ -161,39 +178,50 @@ async def bench(streams: int, repeats: int, seconds: float) -> None:
             await wait_up(node_url, None)
             home, key = _home(tmp, node_url)
             base = {**os.environ, "GPUCTL_HOME": str(home)}
-            shapes = [("one process, no Redis", [], base),
-                      ("one replica (Redis)", [], {**base, "GPUCTL_STORE__URL": redis.url}),
-                      ("two workers (Redis)", ["--workers", "2"],
-                       {**base, "GPUCTL_STORE__URL": redis.url})]
-            runs: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in shapes}
+            shared = {**base, "GPUCTL_STORE__URL": redis.url}
+            # (label, serve's arguments, environment, load: how many processes' worth)
+            shapes = [(ONE, [], base, 1), (REPLICA, [], shared, 1),
+                      (TWO, ["--workers", "2"], shared, 2),
+                      (TWO_SAME_TOTAL, ["--workers", "2"], shared, 1)]
+            runs: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in shapes}
             for i in range(repeats):
-                for label, args, env in shapes:
+                for label, args, env, load in shapes:
                     print(f"run {i + 1}/{repeats}: {label}", file=sys.stderr, flush=True)
-                    runs[label].append(await _shape(label, args, env, key, streams, seconds))
+                    runs[label].append(await _shape(label, args, env, key, streams * load,
+                                                    CONNECTIONS * load, seconds))
         finally:
             node.terminate()
             node.wait(10)
             redis.stop()
     table = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
              for label, rs in runs.items()}
-    print(f"\n# {streams} concurrent streams (32 chunks, 50 ms apart), medians of {repeats}")
+    print(f"\n# {streams} concurrent streams (32 chunks, 50 ms apart) and {CONNECTIONS} "
+          f"connections of plain chats per gateway process, medians of {repeats}")
     keys = list(next(iter(table.values())))
-    print(f"{'figure':28}" + "".join(f"{label:>24}" for label in table))
+    print(f"{'figure':28}" + "".join(f"{label:>26}" for label in table))
     for k in keys:
-        print(f"{k:28}" + "".join(f"{row[k]:>24.2f}" for row in table.values()))
-    one = table["one process, no Redis"]["capacity_chunks_per_s"]
-    replica = table["one replica (Redis)"]["capacity_chunks_per_s"]
-    two = table["two workers (Redis)"]["capacity_chunks_per_s"]
-    print(f"capacity, two workers vs one process: {two / one:.2f}x; "
-          f"vs one replica: {two / replica:.2f}x")
-    single = table["one process, no Redis"]["net_cpu_us_per_req_c64"]
+        print(f"{k:28}" + "".join(f"{row[k]:>26.2f}" for row in table.values()))
+    one = table[ONE]["capacity_chunks_per_s"]
+    print("capacity vs one process: " + ", ".join(
+        f"{label} {row['capacity_chunks_per_s'] / one:.2f}x" for label, row in table.items()
+        if label != ONE))
+    single = table[ONE]["net_cpu_us_per_req"]
     print("CPU per request vs one process: " + ", ".join(
-        f"{label} {row['net_cpu_us_per_req_c64'] / single:.2f}x" for label, row in table.items()))
+        f"{label} {row['net_cpu_us_per_req'] / single:.2f}x" for label, row in table.items()
+        if label != ONE))
+    print("per run (capacity vs one process, CPU/request vs one process):")
+    for label, rs in runs.items():
+        if label != ONE:
+            print(f"  {label}: " + "; ".join(
+                f"{r['capacity_chunks_per_s'] / o['capacity_chunks_per_s']:.2f}x, "
+                f"{r['net_cpu_us_per_req'] / o['net_cpu_us_per_req']:.2f}x"
+                for r, o in zip(rs, runs[ONE], strict=True)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--streams", type=int, default=256)
+    parser.add_argument("--streams", type=int, default=128,
+                        help="concurrent streams per gateway process")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()

@@ -78,6 +78,16 @@ async def test_shared_leases_merge_to_the_later_end_and_drop_ended_ones(
     # At t + 60 bob's lease has ended: not read, and dropped from the hash on the write.
     assert await a.read(["gpu-1"], now=t + 60) == [LeaseRecord("gpu-1", "ann", t + 200, 600.0)]
     assert await redis_client.hkeys("gpuctl:leases:gpu-1") == [b"ann"]
+    # Read again with nothing changed: no hashes sent (None), even after a publish that
+    # changed nothing (an earlier end); a change, or other GPUs asked for, reads them all.
+    assert await a.read(["gpu-1"], now=t + 60) is None
+    await b.publish([LeaseRecord("gpu-1", "ann", t + 150, 600.0)], now=t + 60)
+    assert await a.read(["gpu-1"], now=t + 60) is None
+    assert await a.read(["gpu-1", "gpu-2"], now=t + 60) == [
+        LeaseRecord("gpu-1", "ann", t + 200, 600.0)]
+    await b.publish([LeaseRecord("gpu-2", "cat", t + 70, 60.0)], now=t + 60)
+    assert await a.read(["gpu-1", "gpu-2"], now=t + 60) == [
+        LeaseRecord("gpu-1", "ann", t + 200, 600.0), LeaseRecord("gpu-2", "cat", t + 70, 60.0)]
     assert 190 < await redis_client.ttl("gpuctl:leases:gpu-1") <= 201
 
 
@@ -91,6 +101,7 @@ async def test_malformed_or_endless_leases_in_redis_cannot_keep_a_gpu_up(
     await redis_client.hset(f"gpuctl:leases:{gpu}", mapping={
         "eve": "not a number", "mallory": "1e300 1e300", "nan": "nan 60", "trudy": "5"})
     found = await SharedLeases(redis_client).read([gpu], now=clock.wall())
+    assert found is not None
     assert [(r.user, r.expires_at) for r in found] == [("mallory", 1e300)]
     store = Store.open(tmp_path)
     engine = Engine(_config(), cloud, store, clock=clock, nodes=cloud.node)
@@ -191,11 +202,16 @@ async def test_entries_a_store_cannot_take_are_skipped_not_fatal(
                        ["5", "load", {"model": "m", "seconds": float("nan"), "at": 1}],
                        ["6", "models", {"gpu": "g", "models": "all", "at": 1}],
                        ["7", "teleport", {}],
+                       # Numbers JSON can carry but SQLite or a float cannot.
+                       ["9", "request", {**good, "tokens_in": 10**30}],
+                       ["10", "request", {**good, "duration_s": 10**400}],
+                       ["11", "event", {"gpu_id": "g", "at": 10**400, "status": "ready",
+                                        "cause": "observed", "flavour": "A10"}],
                        ["8", "request", good]])}):
         await redis_client.xadd(journal.key, fields)  # type: ignore[arg-type]
     await _drain(share)
     assert share.folded == 1
-    assert share.skipped == 7
+    assert share.skipped == 10
     assert stores[1].resume_history() == {} and stores[1].load_history() == {}
     assert stores[1].known_models() == {}
     assert [r.at for r in stores[1].requests(0, math.inf)] == [300.0]
