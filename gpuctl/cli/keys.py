@@ -5,16 +5,17 @@ here takes effect on the gateway's next request, with no restart. ``create`` pri
 secret once (on stdout, so it can be piped); nothing else ever shows it. ``list`` joins each
 key with the usage the engine recorded for its user (the key's name) and, for a key with a
 budget, the GPU-hours it used of it this period. ``budget`` sets or removes that budget; the
-gateway reads it within ``engine.budgets.REFRESH_SECONDS``.
+gateway reads it within ``engine.budgets.REFRESH_SECONDS``. With ``store.url`` it goes to
+Redis first and every replica takes it within a second (``store.shared.budgets``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -26,11 +27,14 @@ if TYPE_CHECKING:
     from gpuctl.cli.context import AppContext
     from gpuctl.engine.budgets import BudgetStatus
     from gpuctl.store.keys import ApiKey, KeyStore
+    from gpuctl.store.shared import SharedKeys
     from gpuctl.store.store import UsageTotals
 
 __all__ = ["app", "budget", "create", "import_keys", "list_keys", "revoke"]
 
 app = typer.Typer(name="keys", help="Manage the gateway's API keys.", no_args_is_help=True)
+
+T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (stable keys) on stdout.")]
 
@@ -57,18 +61,60 @@ def _key_store(app_ctx: AppContext) -> Iterator[KeyStore]:
 
 
 def _publish(url: str, keys: KeyStore) -> None:
+    _shared_keys(url, lambda shared: shared.publish(keys.hashed()))
+
+
+def _shared_keys(url: str, call: Callable[[SharedKeys], Awaitable[T]]) -> T:
+    """``call`` on the replicas' shared key directory (``store.url``)."""
     import asyncio
 
     from gpuctl.store.shared import SharedKeys, connect
 
-    async def publish() -> None:
+    async def run() -> T:
         client = connect(url)
         try:
-            await SharedKeys(client).publish(keys.hashed())
+            return await call(SharedKeys(client))
         finally:
             await client.aclose()
 
-    asyncio.run(publish())
+    return asyncio.run(run())
+
+
+def _find(app_ctx: AppContext, key_id: str) -> ApiKey:
+    """A key by id: this host's, or with replicas one made on another host."""
+    from gpuctl.errors import NotFoundError
+
+    try:
+        with _key_store(app_ctx) as keys:
+            return keys.get(key_id)
+    except NotFoundError:
+        url = app_ctx.config.store.url
+        found = _shared_keys(url, lambda shared: shared.get(key_id)) if url else None
+        if found is None:
+            raise
+        return found
+
+
+def _share_budget(url: str, key_id: str, budget: tuple[float, str] | None) -> None:
+    """Set the budget for every replica (they write it into their stores within a second)."""
+    import asyncio
+    import time
+
+    from gpuctl.errors import ActionRefused
+    from gpuctl.store.shared import connect
+    from gpuctl.store.shared.budgets import SharedBudgets
+
+    async def share() -> bool:
+        client = connect(url)
+        try:
+            return await SharedBudgets(client).set(key_id, budget, time.time())
+        finally:
+            await client.aclose()
+
+    if not asyncio.run(share()):
+        raise ActionRefused(
+            f"the shared store holds a later change of {key_id}'s budget; left as it is",
+            hint="Another host's clock is ahead of this one's; check both (NTP).")
 
 
 def _when(epoch: float | None) -> str:
@@ -179,9 +225,17 @@ def revoke(
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke a key; a running gateway refuses it from the next request on."""
+    from gpuctl.errors import NotFoundError
+
     app_ctx = _app(ctx)
-    with _key_store(app_ctx) as keys:
-        key = keys.revoke(key_id)
+    try:
+        with _key_store(app_ctx) as keys:
+            key = keys.revoke(key_id)
+    except NotFoundError:
+        if not app_ctx.config.store.url:
+            raise
+        # Replicas: a key made on another host is revoked in the shared directory.
+        key = _shared_keys(app_ctx.config.store.url, lambda shared: shared.revoke(key_id))
     if as_json:
         emit_json(_key_json(key))
     else:
@@ -216,14 +270,16 @@ def budget(
     if per not in PERIODS:
         raise UsageError(f"--per must be one of {', '.join(PERIODS)}, not {per!r}")
     app_ctx = _app(ctx)
-    with _key_store(app_ctx) as keys:
-        key = keys.get(key_id)
+    key = _find(app_ctx, key_id)
     if key.is_admin and not none:
         raise UsageError(f"{key.id} is an admin key; admin keys have no budget",
                          hint="Give the person a user key for their own work.")
+    seconds = None if none else float(gpu_hours or 0.0) * 3600.0
+    if app_ctx.config.store.url:  # replicas: Redis first, so a change it refused is nowhere
+        _share_budget(app_ctx.config.store.url, key.id,
+                      None if seconds is None else (seconds, per))
     store = app_ctx.open_store()
     try:
-        seconds = None if none else float(gpu_hours or 0.0) * 3600.0
         store.ledger.set_budget(key.id, seconds, per)
     finally:
         store.close()

@@ -513,6 +513,11 @@ class Engine:
         """Another replica's finished request: the running cost counters count it too."""
         self._meter.add(row)
 
+    def reload_budgets(self) -> None:
+        """The store's budgets changed (another replica's host set one): read them now,
+        not at the next ``budgets.REFRESH_SECONDS``."""
+        self._budgets.refresh(force=True)
+
     def lag_meter(self, seconds: float) -> None:
         """Let the running cost counters close time only ``seconds`` behind now, so rows
         that other replicas' journal brings late still count (``learn_request``)."""

@@ -26,8 +26,9 @@ With ``store.url = "redis://…"`` each gateway's engine runs as before, plus th
 Keys: each replica publishes its key table at start and authenticates against the shared
 directory (``store.shared.keys``); ``gpuctl keys`` publishes after each change.
 
-Leases, the ledger (request rows and the GPU timeline), known models and resume and load
-history are shared too, by ``engine.sharing.SharedState``, which ``Replica._run`` steps.
+Leases, budgets, the ledger (request rows and the GPU timeline), known models and resume
+and load history are shared too, by ``engine.sharing.SharedState``, which ``Replica._run``
+steps.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ network round trip happens here, in the background, in batches, never on a reque
   the journal; the other replicas' are folded into this store and into the engine's
   estimates and model catalog (``Engine.learn_*``), so a follower's estimate of a cold
   start uses the resume time the leader learnt.
+- **Budgets** (``store.shared.budgets``), every ``LEASE_SYNC_SECONDS``: the group's
+  budgets, when any changed, are written into this store, so a key's budget blocks its
+  wakes on every replica, whichever host it was set on.
 - **Cost counters**: other replicas' request rows go into the engine's running cost
   counters too (``/metrics``, budgets), which close time ``METER_LAG_SECONDS`` behind now
   so that those rows, a round or two late, are still counted.
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 
 from gpuctl.errors import Unavailable
+from gpuctl.store.shared.budgets import SharedBudgets
 from gpuctl.store.shared.connect import StoreUnreachable
 from gpuctl.store.shared.journal import Journal
 from gpuctl.store.shared.leader import LeaderLease
@@ -71,6 +75,7 @@ class SharedState:
         self.engine = engine
         self.lease = lease
         self.leases = SharedLeases(client)
+        self.budgets = SharedBudgets(client)
         self.ledger = LedgerShare(engine.store, Journal(client))
         self._published_leases = -1
         self._leases_at = float("-inf")
@@ -91,6 +96,7 @@ class SharedState:
         if time.monotonic() - self._last_lease_sync >= LEASE_SYNC_SECONDS:
             self._last_lease_sync = time.monotonic()
             await self.sync_leases()
+            await self.sync_budgets()
         if time.monotonic() - self._last_publish >= PUBLISH_SECONDS:
             self._last_publish = time.monotonic()
             for _ in range(MAX_CALLS):  # small batches, the loop serving between them
@@ -124,6 +130,26 @@ class SharedState:
         if before == version:
             # Nothing of ours changed while we read: what we merged is what Redis has.
             self._published_leases = engine.lease_version
+
+    async def sync_budgets(self) -> None:
+        """Write the group's budgets into this store where they differ (the engine re-reads
+        them at once), and add to Redis the ones of this store it has no record of."""
+        found = await self.budgets.read()
+        if found is None:  # no budget changed anywhere since the last read
+            return
+        ledger = self.engine.store.ledger
+        local = ledger.budgets()
+        missing = {key_id: b for key_id, b in local.items() if key_id not in found}
+        if missing:
+            await self.budgets.seed(missing)
+        changed = [(key_id, b) for key_id, b in found.items() if local.get(key_id) != b]
+        for key_id, budget in changed:
+            seconds, per = budget if budget is not None else (None, "day")
+            ledger.set_budget(key_id, seconds, per)
+        if changed:
+            log.info("budgets changed on another host: %s", ", ".join(k for k, _ in changed))
+        # Re-read even when this store had them (``keys budget`` on this host writes both).
+        self.engine.reload_budgets()
 
     async def close(self) -> None:
         """A clean stop: publish what is left, so the others have every row of ours."""

@@ -67,6 +67,14 @@ def _new_id() -> str:
     return "key_" + secrets.token_hex(4)
 
 
+def _imported_id(key_hash: str) -> str:
+    """The id an imported key gets: drawn from its hash, so the same file imported on every
+    gateway host (replicas) gives each key one id everywhere, and a budget or a revocation
+    by id means the same key on all of them. (A hash of the hash: it says nothing of the
+    secret.)"""
+    return "key_" + hashlib.sha256(f"gpuctl-key-id:{key_hash}".encode()).hexdigest()[:8]
+
+
 def _row_to_key(row: sqlite3.Row) -> ApiKey:
     return ApiKey(
         id=row["id"], name=row["name"], email=row["email"], role=row["role"],
@@ -183,7 +191,10 @@ class KeyStore:
             if exists:
                 continue
             role: Role = "admin" if info.get("role") == "admin" or info.get("admin") else "user"
-            key = ApiKey(id=_new_id(), name=str(info.get("name") or "imported"),
+            key_id = _imported_id(key_hash)
+            if self._conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (key_id,)).fetchone():
+                key_id = _new_id()  # another key has it (one in four billion)
+            key = ApiKey(id=key_id, name=str(info.get("name") or "imported"),
                          email=str(info.get("email") or ""), role=role,
                          created=_parse_created(info.get("created")))
             self._insert(key, key_hash)

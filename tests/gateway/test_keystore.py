@@ -92,6 +92,14 @@ def test_import_of_the_old_key_file_keeps_the_keys_working(
     assert alice is not None and alice.email == "alice@uni.nl" and alice.role == "user"
     assert alice.created == 1714557600.0
     assert keys.import_file(path) == []  # importing twice adds nothing
+    # The same file imported on another host (a replica) gives each key the same id there,
+    # so a budget or revocation by id means one key on every host.
+    other = KeyStore.open(tmp_path / "other-host")
+    try:
+        assert sorted(k.id for k in other.import_file(path)) == sorted(k.id for k in imported)
+    finally:
+        other.close()
+    assert len({k.id for k in imported}) == 2
 
 
 def test_import_of_a_file_in_another_shape_is_a_usage_error(

@@ -1,5 +1,6 @@
 """Gateway processes sharing one fleet through a real Redis: one resume per GPU, slots
-never exceeded, a leader killed mid-resume is succeeded without a second resume."""
+never exceeded, a leader killed mid-resume is succeeded without a second resume, keys and
+budgets changed on one host hold on every replica."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import httpx
 import redis
 
+from gpuctl.store import Store
 from gpuctl.store.keys import KeyStore
 
 from .gateways import SECRET, SLOTS, Fleet, env, fleet, replicas, until
@@ -169,3 +171,58 @@ def test_a_key_revoked_from_the_cli_is_refused_by_every_replica_within_a_second(
             took = time.monotonic() - revoked_at
             print(f"revocation refused by 3 replicas after {took * 1000:.0f} ms")
             assert took < 1.0
+
+
+def test_a_budget_set_on_one_host_blocks_wakes_on_every_replica(
+        redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
+    """``gpuctl keys budget`` on one host: every replica refuses the key a wake (429) and the
+    cloud sees no resume; the removal, made on the other host, lets both wake for it."""
+    with fleet(1) as f:
+        (model,) = f.models.values()
+        with replicas(gpuctl_process, f, redis_server.url, tmp_path, 2):
+            hosts = [tmp_path / f"replica-{i}" for i in range(2)]
+            keys = KeyStore.open(hosts[0])
+            (key,) = keys.all()
+            keys.close()
+
+            def budget(host: Path, *args: str) -> None:
+                done = subprocess.run(
+                    [sys.executable, "-m", "gpuctl", "keys", "budget", key.id, *args],
+                    env={**os.environ, **env(f, redis_server.url, host)},
+                    capture_output=True, text=True, timeout=30, check=False)
+                assert done.returncode == 0, done.stderr
+
+            def budgets(host: Path) -> dict[str, tuple[float, str]]:
+                store = Store.open(host)
+                try:
+                    return store.ledger.budgets()
+                finally:
+                    store.close()
+
+            def remaining() -> list[str | None]:
+                """Each replica's budget header on a request that wakes nothing (400)."""
+                found = []
+                for url in f.urls:
+                    reply = httpx.post(f"{url}/api/chat", json={}, timeout=10,
+                                       headers={"Authorization": f"Bearer {SECRET}"})
+                    assert reply.status_code == 400
+                    found.append(reply.headers.get("x-gpuctl-budget-remaining"))
+                return found
+
+            budget(hosts[0], "--gpu-hours", "0", "--per", "day")
+            set_at = time.monotonic()
+            until(lambda: remaining() == ["0", "0"], timeout=10)
+            print(f"budget in force on both replicas after "
+                  f"{(time.monotonic() - set_at) * 1000:.0f} ms")
+            assert budgets(hosts[1]) == {key.id: (0.0, "day")}
+
+            async def statuses() -> list[int]:
+                return [s for s, _ in await asyncio.gather(*[_chat(u, model) for u in f.urls])]
+
+            assert asyncio.run(statuses()) == [429, 429]
+            assert f.sim.cloud.total_resumes == 0
+            budget(hosts[1], "--none")
+            until(lambda: remaining() == [None, None], timeout=10)
+            assert budgets(hosts[0]) == {}
+            assert asyncio.run(statuses()) == [200, 200]
+            assert f.sim.cloud.total_resumes == 1

@@ -1,16 +1,23 @@
-"""Keys shared through Redis: a revocation reaches every replica within a second."""
+"""Keys shared through Redis: a revocation reaches every replica within a second; the CLI
+finds a key made on another host."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from gpuctl.errors import NotFoundError
+from gpuctl.store import Store
 from gpuctl.store.keys import KeyStore
 from gpuctl.store.shared import SharedKeys, connect
+from gpuctl.store.shared.budgets import SharedBudgets
 from gpuctl.store.shared.keys import SYNC_SECONDS
 
 from .redis_server import RedisServer
@@ -83,3 +90,41 @@ async def test_publishing_a_host_table_never_undoes_a_revocation(
         assert other.authenticate(secret) is None
     finally:
         local.close()
+
+
+def test_the_cli_budgets_and_revokes_a_key_made_on_another_host(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """``gpuctl keys budget`` and ``revoke`` on a host whose table lacks the key (made on
+    another host) find it in the shared directory; the budget goes to Redis for every
+    replica, then to this host's store."""
+    def gpuctl(host: str, *args: str) -> subprocess.CompletedProcess[str]:
+        environ = {**os.environ, "GPUCTL_STORE__URL": redis_server.url,
+                   "GPUCTL_PATHS__STATE_DIR": str(tmp_path / host)}
+        return subprocess.run([sys.executable, "-m", "gpuctl", *args], env=environ,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    made = gpuctl("a", "keys", "create", "--name", "carol", "--json")
+    assert made.returncode == 0, made.stderr
+    key_id = json.loads(made.stdout)["id"]
+    budget = gpuctl("b", "keys", "budget", key_id, "--gpu-hours", "2", "--per", "week")
+    assert budget.returncode == 0, budget.stderr
+    shared = asyncio.run(_shared_budgets(redis_server.url))
+    assert shared == {key_id: (7200.0, "week")}
+    store = Store.open(tmp_path / "b")
+    try:
+        assert store.ledger.budgets() == {key_id: (7200.0, "week")}
+    finally:
+        store.close()
+    revoked = gpuctl("b", "keys", "revoke", key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "carol" in revoked.stdout + revoked.stderr
+    unknown = gpuctl("b", "keys", "budget", "key_nothere", "--none")
+    assert unknown.returncode != 0 and "no key with id" in unknown.stderr
+
+
+async def _shared_budgets(url: str) -> dict[str, tuple[float, str] | None] | None:
+    client = connect(url)
+    try:
+        return await SharedBudgets(client).read()
+    finally:
+        await client.aclose()

@@ -7,6 +7,7 @@ Each module holds one kind of shared state and says in its docstring what it gua
 - ``actions``: cloud actions in flight and "wanted" wakes (fenced by the leader's token).
 - ``turns``: whose turn a freed slot is across replicas, and per-user counts (fairness).
 - ``keys``: API keys and revocations, reaching every replica within a second.
+- ``budgets``: the keys' budgets, set on any host and enforced by every replica.
 - ``leases``: every replica's leases per GPU (a later end wins).
 - ``journal``: one stream of ledger rows and learnt facts that every replica reads.
 - ``ledger``: a store's side of it: publish its own rows, fold in the others' once each.

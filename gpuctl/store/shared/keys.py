@@ -122,6 +122,13 @@ class SharedKeys:
         await self.add(key, hash_key(secret))
         return key, secret
 
+    async def get(self, key_id: str) -> ApiKey | None:
+        """The shared record of ``key_id`` (made on any host), or None."""
+        with unreachable("read a key"):
+            key_hash = await self._client.hget(self.ids_key, key_id)
+            raw = None if key_hash is None else await self._client.hget(self.key, key_hash)
+        return None if raw is None else ApiKey.model_validate_json(raw)
+
     async def revoke(self, key_id: str) -> ApiKey:
         """Revoke by id (atomically in Redis; revoking twice keeps the first time)."""
         with unreachable("revoke a key"):
