@@ -513,6 +513,13 @@ class Engine:
         """Another replica's finished request: the running cost counters count it too."""
         self._meter.add(row)
 
+    def wake_cause(self, gpu_id: str) -> str:
+        """Why this engine is waking ``gpu_id`` (``gateway``, ``hand``): a follower replica
+        passes it on with the wake it asks of the leader, whose timeline records it."""
+        gpu = self._gpus.get(gpu_id)
+        flight = gpu.waking if gpu is not None else None
+        return flight.cause if flight is not None else "gateway"
+
     def reload_budgets(self) -> None:
         """The store's budgets changed (another replica's host set one): read them now,
         not at the next ``budgets.REFRESH_SECONDS``."""

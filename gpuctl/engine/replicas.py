@@ -17,8 +17,9 @@ With ``store.url = "redis://…"`` each gateway's engine runs as before, plus th
   replica holding ``store.shared.leader``'s lease) a resume or pause is first claimed in
   Redis, fenced by the leader's token, and sent only if the claim wins: a successor finds
   a claim in flight and watches the GPU instead of sending a second resume. On a follower,
-  a resume becomes a "wanted" record for the leader, and the follower's engine watches the
-  cloud just as if it had sent it; followers never pause.
+  a resume becomes a "wanted" record for the leader (with its cause: requests or a hand),
+  and the follower's engine watches the cloud just as if it had sent it; followers never
+  pause.
 - **The leader's duties** (``Replica._run``): renew the lease, act on wanted wakes within a
   second (``DUTY_SECONDS``), close claims the cloud has finished, and idle-pause only
   while leading.
@@ -69,6 +70,8 @@ log = logging.getLogger(__name__)
 
 #: How often a replica re-reads the others' slot counts (and sooner when poked).
 SYNC_SECONDS = 0.2
+#: The causes a follower's wanted wake may give (anything else is taken as ``gateway``).
+WAKE_CAUSES = frozenset({"gateway", "hand"})
 #: How often the leader reads wanted wakes and closes finished actions, and a follower
 #: asks again for the wakes it waits on: within a second, as the design promises.
 DUTY_SECONDS = 0.5
@@ -203,6 +206,8 @@ class FencedCloud:
         self.lease = lease
         self.actions = actions
         self.managed = inner.managed
+        #: Why the engine wakes a GPU (``Engine.wake_cause``; set when the engine joins).
+        self.cause_of: Callable[[str], str] = lambda _gpu_id: "gateway"
 
     async def list_workspaces(self) -> list[Workspace]:
         return await self.inner.list_workspaces()
@@ -213,7 +218,7 @@ class FencedCloud:
     async def resume(self, workspace_id: str) -> Workspace:
         with _store_as_cloud():
             if not self.lease.is_leader:
-                await self.actions.want(workspace_id)
+                await self.actions.want(workspace_id, self.cause_of(workspace_id))
                 return await self.inner.get_workspace(workspace_id)
             claimed = await self.actions.begin(self.lease.value, workspace_id, "resume",
                                                time.time(), self.lease.fence)
@@ -370,7 +375,7 @@ class Replica:
     async def _serve_wanted(self) -> None:
         """The leader wakes what followers asked for (its own wake is single-flight)."""
         self._waking = {g: t for g, t in self._waking.items() if not t.done()}
-        for gpu_id in await self.actions.wanted():
+        for gpu_id, cause in (await self.actions.wanted()).items():
             if gpu_id in self._waking:
                 continue
             try:
@@ -378,8 +383,10 @@ class Replica:
             except GpuctlError:
                 continue  # not in this replica's fleet view (yet)
             if view.state is GpuState.PAUSED:
+                # For the follower's held requests, or by hand there: its timeline says so.
+                cause = cause if cause in WAKE_CAUSES else "gateway"
                 self._waking[gpu_id] = asyncio.ensure_future(
-                    self.engine.wake(gpu_id, cause="gateway"))  # for requests, not by hand
+                    self.engine.wake(gpu_id, cause=cause))
 
     async def _close_finished(self) -> None:
         """Drop claims the cloud has carried out, so the GPU can be acted on again."""
@@ -400,7 +407,7 @@ class Replica:
         (the old one died) hears of it within a second too."""
         for gpu in self.engine.glance():
             if gpu.state is GpuState.STARTING and gpu.cloud_status == "paused":
-                await self.actions.want(gpu.id)
+                await self.actions.want(gpu.id, self.engine.wake_cause(gpu.id))
 
 
 class ReplicaSet:
@@ -423,9 +430,11 @@ class ReplicaSet:
         self.actions = CloudActions(self.client)
         self.keys = SharedKeys(self.client)
         self.replica: Replica | None = None
+        self.fenced: FencedCloud | None = None
 
     def cloud(self, inner: CloudProvider) -> FencedCloud:
-        return FencedCloud(inner, self.lease, self.actions)
+        self.fenced = FencedCloud(inner, self.lease, self.actions)
+        return self.fenced
 
     async def share_keys(self, local: ReplicaKeys) -> None:
         """Publish this host's key table, load the shared one, and keep it in sync: the
@@ -436,6 +445,8 @@ class ReplicaSet:
         self.keys.start()
 
     async def join(self, engine: Engine) -> Replica:
+        if self.fenced is not None:
+            self.fenced.cause_of = engine.wake_cause
         self.replica = Replica(engine, SharedSlotGate(self.holder, self.turns), self.lease,
                                self.actions, auto_pause=engine.config.gpu.auto_pause,
                                client=self.client)

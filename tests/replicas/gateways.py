@@ -28,6 +28,8 @@ TOKEN = "sim-token"
 SECRET = "sk-replica-test-" + "x" * 32
 #: A second user, for the tests of fairness between users (``prepare_state(..., bob=True)``).
 SECRET_BOB = "sk-replica-bob-" + "y" * 32
+#: An admin's key (``prepare_state(..., admin=True)``): the admin API, hand wakes.
+SECRET_ADMIN = "sk-replica-root-" + "z" * 32
 SLOTS = 2
 
 
@@ -67,10 +69,12 @@ def fleet(gpus: int, *, resume_seconds: float = 1.0, chunks: int = 5,
         yield Fleet(sim, sim_url, nodes, models)
 
 
-def prepare_state(state: Path, fleet: Fleet, *, bob: bool = False) -> None:
+def prepare_state(state: Path, fleet: Fleet, *, bob: bool = False,
+                  admin: bool = False) -> None:
     state.mkdir(parents=True, exist_ok=True)
     keys_file = state / "api_keys.json"
-    users = {SECRET: {"name": "alice"}} | ({SECRET_BOB: {"name": "bob"}} if bob else {})
+    users = ({SECRET: {"name": "alice"}} | ({SECRET_BOB: {"name": "bob"}} if bob else {})
+             | ({SECRET_ADMIN: {"name": "root", "role": "admin"}} if admin else {}))
     keys_file.write_text(json.dumps({"api_keys": users}))
     keys = KeyStore.open(state)
     keys.import_file(keys_file)
@@ -99,13 +103,15 @@ def env(fleet: Fleet, redis_url: str, state: Path) -> dict[str, str]:
 @contextlib.contextmanager
 def replicas(start: Callable[..., contextlib.AbstractContextManager[subprocess.Popen[str]]],
              fleet: Fleet, redis_url: str, home: Path, count: int,
-             extra: dict[str, str] | None = None, *, bob: bool = False) -> Iterator[Fleet]:
+             extra: dict[str, str] | None = None, *, bob: bool = False,
+             admin: bool = False) -> Iterator[Fleet]:
     """``count`` gateway processes (``gpuctl_process``), their URLs in ``fleet.urls``;
-    ``extra``: more environment (config) for every one; ``bob``: a second user's key too."""
+    ``extra``: more environment (config) for every one; ``bob``: a second user's key too;
+    ``admin``: an admin's key too."""
     with contextlib.ExitStack() as stack:
         for i in range(count):
             state = home / f"replica-{i}"
-            prepare_state(state, fleet, bob=bob)
+            prepare_state(state, fleet, bob=bob, admin=admin)
             proc = stack.enter_context(
                 start("serve", "--port", "0",
                       env={**env(fleet, redis_url, state), **(extra or {})}))

@@ -16,7 +16,7 @@ import redis
 
 from gpuctl.store import Store
 
-from .gateways import SECRET, Fleet, fleet, replicas, until
+from .gateways import SECRET, SECRET_ADMIN, Fleet, fleet, replicas, until
 from .redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -140,6 +140,19 @@ def test_rows_made_while_redis_was_down_reach_the_other_replica(
                                           (503, "refused")], timeout=20)
 
 
+def _timelines(tmp_path: Path, gpu_id: str) -> list[list[tuple[str, str]]]:
+    """The GPU's (status, cause) events in each replica's store."""
+    found = []
+    for i in range(2):
+        store = Store.open(tmp_path / f"replica-{i}")
+        try:
+            found.append([(e.status, e.cause) for e in store.ledger.timeline(math.inf)
+                          if e.gpu_id == gpu_id])
+        finally:
+            store.close()
+    return found
+
+
 def test_a_wake_asked_by_a_follower_is_one_gateway_wake_on_every_replicas_timeline(
         redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
     """Only the leader writes the timeline: the follower's held request makes one
@@ -153,15 +166,7 @@ def test_a_wake_asked_by_a_follower_is_one_gateway_wake_on_every_replicas_timeli
         assert f.sim.cloud.resume_calls[gpu_id] == 1
 
         def timelines() -> list[list[tuple[str, str]]]:
-            found = []
-            for i in range(2):
-                store = Store.open(tmp_path / f"replica-{i}")
-                try:
-                    found.append([(e.status, e.cause) for e in store.ledger.timeline(math.inf)
-                                  if e.gpu_id == gpu_id])
-                finally:
-                    store.close()
-            return found
+            return _timelines(tmp_path, gpu_id)
 
         until(lambda: (lambda t: t[0] == t[1] and ("ready", "observed") in t[0])(timelines()),
               timeout=20)
@@ -169,3 +174,21 @@ def test_a_wake_asked_by_a_follower_is_one_gateway_wake_on_every_replicas_timeli
         assert [e for e in events if e[0] == "resuming"] == [("resuming", "gateway")]
         # Each status change once: no two events in a row say the same.
         assert all(a[0] != b[0] for a, b in itertools.pairwise(events))
+
+
+def test_a_hand_wake_asked_of_a_follower_is_recorded_as_by_hand(
+        redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
+    """An admin resumes a GPU through a follower's admin API: the leader sends the one
+    resume, and its timeline (so the usage report) says ``hand``, not ``gateway``."""
+    with fleet(1) as f, replicas(gpuctl_process, f, redis_server.url, tmp_path, 2,
+                                 admin=True):
+        (gpu_id,) = f.models
+        follower = f.urls[1 - _leader_index(f, redis_server.url)]
+        reply = httpx.post(f"{follower}/gpu/{gpu_id}/resume", params={"wait": "true"},
+                           headers={"Authorization": f"Bearer {SECRET_ADMIN}"}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        until(lambda: (lambda t: t[0] == t[1] and ("ready", "observed") in t[0])(
+            _timelines(tmp_path, gpu_id)), timeout=20)
+        assert [e for e in _timelines(tmp_path, gpu_id)[0] if e[0] == "resuming"] == [
+            ("resuming", "hand")]
+        assert f.sim.cloud.resume_calls[gpu_id] == 1

@@ -7,10 +7,12 @@ and only if no action is in flight on that GPU: a deposed leader, or a second re
 told no and must not call the cloud. A successor finds the record and polls the GPU until
 the action is done instead of sending a second one.
 
-``{ns}:wanted`` is a sorted set of models that followers want woken, scored by when they
-last asked (server milliseconds). A follower holding a request for a model no ready GPU has
-calls ``want`` (again every second while it waits); the leader reads ``wanted`` each second
-and wakes through its own single-flight path, so many followers asking make one wake.
+``{ns}:wanted`` is a sorted set of GPUs that followers want woken, scored by when they
+last asked (server milliseconds); ``{ns}:wanted:cause`` says why (``gateway``: requests
+held; ``hand``: an admin's resume), for the leader's timeline. A follower whose engine
+wakes a GPU calls ``want`` (again every half second while it waits); the leader reads
+``wanted`` every half second and wakes through its own single-flight path, so many
+followers asking make one wake.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return now
 """
 
@@ -53,7 +57,12 @@ _WANTED = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+local found = {}
+for _, gpu in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    found[#found + 1] = gpu
+    found[#found + 1] = redis.call('HGET', KEYS[2], gpu) or 'gateway'
+end
+return found
 """
 
 
@@ -73,6 +82,7 @@ class CloudActions:
         self.leader_key = f"{namespace}:leader"
         self.key = f"{namespace}:actions"
         self.wanted_key = f"{namespace}:wanted"
+        self.causes_key = f"{namespace}:wanted:cause"
         self._begin = client.register_script(_BEGIN)
         self._end = client.register_script(_END)
         self._want = client.register_script(_WANT)
@@ -109,13 +119,18 @@ class CloudActions:
                                                float(data["started_at"]), int(data["fence"]))
         return found
 
-    async def want(self, model: str) -> None:
-        """A follower holds a request for ``model`` that needs a wake: ask the leader."""
+    async def want(self, gpu_id: str, cause: str = "gateway") -> None:
+        """A follower wakes ``gpu_id`` (for its held requests, or by hand: ``cause``, what
+        the leader's timeline records): ask the leader."""
         with unreachable("ask the leader for a wake"):
-            await self._want(keys=[self.wanted_key], args=[model, WANTED_TTL_MS * 2])
+            await self._want(keys=[self.wanted_key, self.causes_key],
+                             args=[gpu_id, WANTED_TTL_MS * 2, cause])
 
-    async def wanted(self) -> list[str]:
-        """Models some replica asked to wake within the last few seconds (leader reads)."""
+    async def wanted(self) -> dict[str, str]:
+        """The GPUs some replica asked to wake within the last few seconds, each with the
+        cause it gave (the leader reads this)."""
         with unreachable("read the wanted wakes"):
-            return [text(m) for m in await self._wanted(keys=[self.wanted_key],
-                                                           args=[WANTED_TTL_MS])]
+            flat = await self._wanted(keys=[self.wanted_key, self.causes_key],
+                                      args=[WANTED_TTL_MS])
+        return {text(gpu): text(cause) for gpu, cause in zip(flat[::2], flat[1::2],
+                                                             strict=True)}
