@@ -3,7 +3,8 @@
 ``{ns}:journal`` is a stream; each entry carries a batch of facts one replica wrote to its
 own store and shares: request rows, GPU timeline events, a GPU's model list, resume and
 load times. Its fields are ``o`` (the writing store's origin id) and ``d``: a JSON list of
-``[ident, kind, data]``, ``ident`` the fact's id in that store. Batches, not one entry per
+``[ident, kind, data]``, ``ident`` the fact's id in that store, ``data`` a request row or a
+timeline event as a list in column order, or a fact as an object. Batches, not one entry per
 fact: the ``redis`` client's cost is per command and per field, so a hundred rows in one
 entry cost about what one row costs alone (``tests/bench/bench_sharing.py``). Every replica
 reads the stream from where it stopped (``XRANGE`` from the last id it read, never
@@ -84,11 +85,12 @@ class Journal:
                               minid=minid, approximate=True)
                 await pipe.execute()
 
-    async def read(self, after: str, count: int,
+    async def read(self, after: str, count: int, *, skip: str | None = None,
                    ) -> tuple[str, list[tuple[str, list[Entry]]]]:
         """The stream's epoch token (made on first use: a new one means Redis lost the
         stream) and up to ``count`` entries after stream id ``after`` ("0-0": from the
-        start), each with its facts, in one round trip."""
+        start), each with its facts, in one round trip. Entries of origin ``skip`` (the
+        reader's own) come with no facts: they are not decoded at all."""
         with unreachable("read the shared ledger"):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.set(self.epoch_key, secrets.token_hex(8), nx=True)
@@ -99,6 +101,9 @@ class Journal:
         for entry_id, fields in raw:
             f = {text(k): text(v) for k, v in fields.items()}
             origin = f.get("o", "")
+            if origin == skip:
+                found.append((text(entry_id), []))
+                continue
             try:
                 batch = json.loads(f.get("d", "[]"))
                 facts = [Entry(origin, str(ident), str(kind), data)
