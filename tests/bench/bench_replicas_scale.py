@@ -6,9 +6,10 @@ It prints figures and asserts nothing.
 
 Setup: one simulated Ollama node (``bench_gateway.py --role node``: 32 chunks 50 ms apart)
 and the lean load generator of ``bench_gateway.py``; a real ``redis-server``; the gateway
-as ``gpuctl serve`` runs it (static provider, keys in SQLite) in four shapes: one process
-without Redis, one replica with ``store.url``, ``--workers 2``, and ``--workers 2`` again
-under half the load. Each phase runs for a bounded time.
+as ``gpuctl serve`` runs it (static provider, keys in SQLite) in five shapes: one process
+without Redis, one replica with ``store.url``, ``--workers 2``, two independent processes
+without Redis (the control), and ``--workers 2`` again under half the load. Each phase
+runs for a bounded time.
 
 Why capacity. Two cores cannot run two saturated gateways *and* the node and the load
 generator that feed them: whatever the gateways gain, the node and the client lose, so the
@@ -28,6 +29,12 @@ twice the one-process load; the machine carries that: it is the load of one proc
 256 streams). The half-load shape, two workers under one process's load, is printed
 beside it for comparison.
 
+The control. Two cores also run the node and the load generator, and their work doubles
+with the load, so some of what two workers cost more per chunk is the machine's, not the
+replicas'. ``two processes, no Redis`` runs two independent single gateways (each its own
+home and store, no sharing at all), each under the same load as a worker: the scaling two
+processes that share nothing reach on this machine, the ceiling for the replicas' figure.
+
 Before the streams, a phase of plain (non-streamed) chats gives the CPU per request (all
 processes). CPU comes from ``/proc/<pid>/task/*/schedstat`` (ns), counted until
 ``SETTLE_SECONDS`` after each phase, so the background work the requests cause (a replica
@@ -43,6 +50,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +79,7 @@ ONE = "one process, no Redis"
 REPLICA = "one replica (Redis)"
 TWO = "two workers (Redis)"
 TWO_SAME_TOTAL = "two workers, half load"
+TWO_ALONE = "two processes, no Redis"
 #: Connections of plain (non-streamed) chats per gateway process.
 CONNECTIONS = 64
 #: Background work a phase causes (ledger rows published about once a second) is done by
@@ -101,15 +110,25 @@ def _home(tmp: Path, node_url: str) -> tuple[Path, str]:
     return home, key
 
 
-async def _phase(url: str, key: str, pids: list[int], streams: int, connections: int,
+async def _together(loads: list[Load], connections: int, *, stream: bool,
+                    per_client: int, seconds: float) -> Phase:
+    """One phase over every gateway at once, the connections split evenly between them."""
+    parts = await asyncio.gather(*[
+        run_phase(load, None, connections // len(loads), stream=stream, per_client=per_client,
+                  time_limit=seconds) for load in loads])
+    return Phase(requests=sum(p.requests for p in parts), chunks=sum(p.chunks for p in parts),
+                 errors=sum(p.errors for p in parts), seconds=max(p.seconds for p in parts))
+
+
+async def _phase(urls: list[str], key: str, pids: list[int], streams: int, connections: int,
                  seconds: float) -> dict[str, float]:
-    load = Load(url, key)
+    loads = [Load(url, key) for url in urls]
     await asyncio.sleep(SETTLE_SECONDS)  # the start's background work done
     idle0 = {pid: cpu_seconds(pid) for pid in pids}
     t0 = time.perf_counter()
     await asyncio.sleep(2.0)
     idle = {pid: (cpu_seconds(pid) - idle0[pid]) / (time.perf_counter() - t0) for pid in pids}
-    await run_phase(load, None, 64, stream=False, per_client=5, time_limit=5)  # warm up
+    await _together(loads, 64, stream=False, per_client=5, seconds=5)  # warm up
     await asyncio.sleep(SETTLE_SECONDS)
 
     async def charged(run: Awaitable[Phase]) -> tuple[Phase, dict[int, float]]:
@@ -122,11 +141,12 @@ async def _phase(url: str, key: str, pids: list[int], streams: int, connections:
         return phase, {pid: cpu_seconds(pid) - cpu0[pid] - idle[pid] * took for pid in pids}
 
     plain, plain_net = await charged(
-        run_phase(load, None, connections, stream=False, per_client=150, time_limit=seconds))
+        _together(loads, connections, stream=False, per_client=150, seconds=seconds))
     plain_cpu = sum(plain_net.values())
     phase, net = await charged(
-        run_phase(load, None, streams, stream=True, per_client=100, time_limit=seconds))
-    await load.pool.aclose()
+        _together(loads, streams, stream=True, per_client=100, seconds=seconds))
+    for load in loads:
+        await load.pool.aclose()
     chunks = max(1, phase.chunks)
     total = sum(net.values())
     # One core each: the capacity of n processes is n chunks per (CPU per chunk) second.
@@ -143,28 +163,37 @@ async def _phase(url: str, key: str, pids: list[int], streams: int, connections:
     }
 
 
-async def _shape(label: str, args: list[str], env: dict[str, str], key: str,
+async def _shape(label: str, args: list[str], envs: list[dict[str, str]], key: str,
                  streams: int, connections: int, seconds: float) -> dict[str, float]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gpuctl", "serve",  # noqa: ASYNC220
-                             "--port", str(port), *args], env=env, stderr=subprocess.DEVNULL)
+    """Start ``gpuctl serve`` once per environment in ``envs`` (each on its own port), run
+    the phases over all of them, stop them."""
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        url = f"http://127.0.0.1:{port}"
-        await wait_up(url, key, timeout=60)
+        urls = []
+        for env in envs:
+            port = _free_port()
+            procs.append(subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-m", "gpuctl", "serve", "--port", str(port), *args],
+                env=env, stderr=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+            await wait_up(urls[-1], key, timeout=60)
         workers = "--workers" in args
-        pids = _children(proc.pid) if workers else [proc.pid]
+        pids = [pid for proc in procs for pid in (_children(proc.pid) if workers
+                                                   else [proc.pid])]
         print(f"{label}: serving (pids {pids})", file=sys.stderr, flush=True)
-        return await _phase(url, key, pids, streams, connections, seconds)
+        return await _phase(urls, key, pids, streams, connections, seconds)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
-async def bench(streams: int, repeats: int, seconds: float) -> None:
+async def bench(streams: int, repeats: int, seconds: float, shapes_wanted: int) -> None:
     _raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -179,15 +208,19 @@ async def bench(streams: int, repeats: int, seconds: float) -> None:
             home, key = _home(tmp, node_url)
             base = {**os.environ, "GPUCTL_HOME": str(home)}
             shared = {**base, "GPUCTL_STORE__URL": redis.url}
-            # (label, serve's arguments, environment, load: how many processes' worth)
-            shapes = [(ONE, [], base, 1), (REPLICA, [], shared, 1),
-                      (TWO, ["--workers", "2"], shared, 2),
-                      (TWO_SAME_TOTAL, ["--workers", "2"], shared, 1)]
+            # The control: a second gateway with its own home (a copy: same key, own store).
+            shutil.copytree(home, tmp / "home-2")
+            second = {**os.environ, "GPUCTL_HOME": str(tmp / "home-2")}
+            # (label, serve's arguments, environments, load: how many processes' worth)
+            shapes = [(ONE, [], [base], 1), (REPLICA, [], [shared], 1),
+                      (TWO, ["--workers", "2"], [shared], 2),
+                      (TWO_ALONE, [], [base, second], 2),
+                      (TWO_SAME_TOTAL, ["--workers", "2"], [shared], 1)][:shapes_wanted]
             runs: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in shapes}
             for i in range(repeats):
-                for label, args, env, load in shapes:
+                for label, args, envs, load in shapes:
                     print(f"run {i + 1}/{repeats}: {label}", file=sys.stderr, flush=True)
-                    runs[label].append(await _shape(label, args, env, key, streams * load,
+                    runs[label].append(await _shape(label, args, envs, key, streams * load,
                                                     CONNECTIONS * load, seconds))
         finally:
             node.terminate()
@@ -224,8 +257,10 @@ def main() -> None:
                         help="concurrent streams per gateway process")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--shapes", type=int, default=5,
+                        help="run only the first N shapes (of five; the order above)")
     args = parser.parse_args()
-    asyncio.run(bench(args.streams, args.repeats, args.seconds))
+    asyncio.run(bench(args.streams, args.repeats, args.seconds, args.shapes))
 
 
 if __name__ == "__main__":
