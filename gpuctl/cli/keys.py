@@ -22,6 +22,7 @@ import typer
 from gpuctl.cli.output import emit_json, message, render
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
     from rich.table import Table
 
     from gpuctl.cli.context import AppContext
@@ -64,20 +65,27 @@ def _publish(url: str, keys: KeyStore) -> None:
     _shared_keys(url, lambda shared: shared.publish(keys.hashed()))
 
 
-def _shared_keys(url: str, call: Callable[[SharedKeys], Awaitable[T]]) -> T:
-    """``call`` on the replicas' shared key directory (``store.url``)."""
+def _on_redis(url: str, call: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    """``call`` with a client of the replicas' Redis (``store.url``), closed after."""
     import asyncio
 
-    from gpuctl.store.shared import SharedKeys, connect
+    from gpuctl.store.shared import connect
 
     async def run() -> T:
         client = connect(url)
         try:
-            return await call(SharedKeys(client))
+            return await call(client)
         finally:
             await client.aclose()
 
     return asyncio.run(run())
+
+
+def _shared_keys(url: str, call: Callable[[SharedKeys], Awaitable[T]]) -> T:
+    """``call`` on the replicas' shared key directory."""
+    from gpuctl.store.shared import SharedKeys
+
+    return _on_redis(url, lambda client: call(SharedKeys(client)))
 
 
 def _find(app_ctx: AppContext, key_id: str) -> ApiKey:
@@ -97,21 +105,13 @@ def _find(app_ctx: AppContext, key_id: str) -> ApiKey:
 
 def _share_budget(url: str, key_id: str, budget: tuple[float, str] | None) -> None:
     """Set the budget for every replica (they write it into their stores within a second)."""
-    import asyncio
     import time
 
     from gpuctl.errors import ActionRefused
-    from gpuctl.store.shared import connect
     from gpuctl.store.shared.budgets import SharedBudgets
 
-    async def share() -> bool:
-        client = connect(url)
-        try:
-            return await SharedBudgets(client).set(key_id, budget, time.time())
-        finally:
-            await client.aclose()
-
-    if not asyncio.run(share()):
+    if not _on_redis(url, lambda client: SharedBudgets(client).set(key_id, budget,
+                                                                   time.time())):
         raise ActionRefused(
             f"the shared store holds a later change of {key_id}'s budget; left as it is",
             hint="Another host's clock is ahead of this one's; check both (NTP).")
