@@ -69,6 +69,13 @@ def fleet(gpus: int, *, resume_seconds: float = 1.0, chunks: int = 5,
         yield Fleet(sim, sim_url, nodes, models)
 
 
+def warm(fleet: Fleet) -> tuple[str, str]:
+    """The one GPU of ``fleet`` up from the start (no wake in the test): its id and model."""
+    ((gpu_id, model),) = fleet.models.items()
+    fleet.sim.cloud.resume_now(gpu_id)
+    return gpu_id, model
+
+
 def prepare_state(state: Path, fleet: Fleet, *, bob: bool = False,
                   admin: bool = False) -> None:
     state.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import redis
 from gpuctl.store import Store
 from gpuctl.store.keys import KeyStore
 
-from .gateways import SECRET, SLOTS, Fleet, env, fleet, replicas, until
+from .gateways import SECRET, SLOTS, Fleet, env, fleet, replicas, until, warm
 from .redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -64,8 +64,7 @@ def test_a_cold_stampede_over_two_replicas_resumes_each_gpu_once_within_slots(
 def test_three_replicas_never_exceed_the_slots_of_a_warm_gpu(
         redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
     with fleet(1, chunks=8) as f:
-        (gpu_id,) = f.models
-        f.sim.cloud.resume_now(gpu_id)
+        gpu_id, _ = warm(f)
         with replicas(gpuctl_process, f, redis_server.url, tmp_path, 3):
             results = asyncio.run(_stampede(f, 45))
             assert [status for status, _ in results] == [200] * 45
@@ -107,10 +106,8 @@ def test_redis_stopped_and_restarted_under_load(
     """Held slots finish; new requests get 503 + Retry-After; recovery needs no restart,
     even though Redis comes back empty (no persistence)."""
     with fleet(1, chunks=30, interval=0.05) as f:
-        (gpu_id,) = f.models
-        (model,) = f.models.values()
+        gpu_id, model = warm(f)
         node = f.nodes[gpu_id]
-        f.sim.cloud.resume_now(gpu_id)
         with replicas(gpuctl_process, f, redis_server.url, tmp_path, 2):
 
             async def outage() -> tuple[tuple[int, bytes], list[httpx.Response]]:
@@ -147,9 +144,7 @@ def test_redis_stopped_and_restarted_under_load(
 def test_a_key_revoked_from_the_cli_is_refused_by_every_replica_within_a_second(
         redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
     with fleet(1) as f:
-        (gpu_id,) = f.models
-        (model,) = f.models.values()
-        f.sim.cloud.resume_now(gpu_id)
+        _, model = warm(f)
         with replicas(gpuctl_process, f, redis_server.url, tmp_path, 3):
             assert [s for s, _ in asyncio.run(_stampede(f, 3))] == [200] * 3
             state = tmp_path / "replica-0"

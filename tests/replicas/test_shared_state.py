@@ -16,7 +16,7 @@ import redis
 
 from gpuctl.store import Store
 
-from .gateways import SECRET, SECRET_ADMIN, Fleet, fleet, replicas, until
+from .gateways import SECRET, SECRET_ADMIN, Fleet, fleet, replicas, until, warm
 from .redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -51,9 +51,7 @@ def _requests_seen(url: str) -> int:
 def test_usage_on_either_replica_reports_the_requests_of_both(
         redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
     with fleet(1) as f:
-        (gpu_id,) = f.models
-        (model,) = f.models.values()
-        f.sim.cloud.resume_now(gpu_id)
+        _, model = warm(f)
         with replicas(gpuctl_process, f, redis_server.url, tmp_path, 2):
             sent = [3, 2]
             for url, count in zip(f.urls, sent, strict=True):
@@ -73,9 +71,7 @@ def test_a_lease_held_on_a_follower_keeps_the_leader_from_pausing_its_gpu(
         redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
     lease_s = 9.0
     with fleet(1) as f:
-        (gpu_id,) = f.models
-        (model,) = f.models.values()
-        f.sim.cloud.resume_now(gpu_id)
+        gpu_id, model = warm(f)
         with replicas(gpuctl_process, f, redis_server.url, tmp_path, 2, extra={
                 "GPUCTL_TIMING__RESERVATION_MINUTES": str(lease_s / 60)}):
             follower = f.urls[1 - _leader_index(f, redis_server.url)]
@@ -105,10 +101,8 @@ def test_a_lease_held_on_a_follower_keeps_the_leader_from_pausing_its_gpu(
 def test_rows_made_while_redis_was_down_reach_the_other_replica(
         redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
     with fleet(1, chunks=30, interval=0.05) as f:
-        (gpu_id,) = f.models
-        (model,) = f.models.values()
+        gpu_id, model = warm(f)
         node = f.nodes[gpu_id]
-        f.sim.cloud.resume_now(gpu_id)
         with replicas(gpuctl_process, f, redis_server.url, tmp_path, 2):
             assert _chat(f.urls[1], model).status_code == 200  # before: shared at once
 

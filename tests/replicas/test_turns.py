@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from .gateways import SECRET, SECRET_BOB, SLOTS, fleet, replicas, until
+from .gateways import SECRET, SECRET_BOB, SLOTS, fleet, replicas, until, warm
 from .redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -33,10 +33,8 @@ def test_a_flood_on_one_replica_delays_a_request_on_another_by_one_turn_per_repl
         redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
     flood = 12
     with fleet(1, chunks=5, interval=0.1) as f:  # 0.5 s a request, 2 slots
-        (gpu_id,) = f.models
-        (model,) = f.models.values()
+        gpu_id, model = warm(f)
         node = f.nodes[gpu_id]
-        f.sim.cloud.resume_now(gpu_id)
         # No wait notices: a held stream's headers then come when its slot is granted.
         with replicas(gpuctl_process, f, redis_server.url, tmp_path, 2, bob=True,
                       extra={"GPUCTL_SERVER__WAIT_NOTICE": "none"}):
@@ -68,10 +66,8 @@ def test_a_flood_on_one_replica_delays_a_request_on_another_by_one_turn_per_repl
 def test_the_per_user_slot_cap_holds_across_replicas(
         redis_server: RedisServer, gpuctl_process: GpuctlProcess, tmp_path: Path) -> None:
     with fleet(1, chunks=8, interval=0.1) as f:
-        (gpu_id,) = f.models
-        (model,) = f.models.values()
+        gpu_id, model = warm(f)
         node = f.nodes[gpu_id]
-        f.sim.cloud.resume_now(gpu_id)
         with replicas(gpuctl_process, f, redis_server.url, tmp_path, 2,
                       extra={"GPUCTL_SERVER__MAX_SLOTS_PER_USER": "1",
                              "GPUCTL_SERVER__WAIT_NOTICE": "none"}):

@@ -19,7 +19,7 @@ from conftest import served_url  # tests/conftest.py
 
 from gpuctl.store import Store
 
-from .gateways import SECRET, SLOTS, Fleet, env, fleet, prepare_state, until
+from .gateways import SECRET, SLOTS, Fleet, env, fleet, prepare_state, until, warm
 from .redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -55,9 +55,7 @@ def _two_workers(redis_server: RedisServer, gpuctl_process: GpuctlProcess,
                  tmp_path: Path) -> Iterator[_Workers]:
     """``serve --workers 2`` over one running GPU of a simulated fleet."""
     with fleet(1, chunks=3, interval=0.05) as f:
-        (gpu_id,) = f.models
-        (model,) = f.models.values()
-        f.sim.cloud.resume_now(gpu_id)
+        gpu_id, model = warm(f)
         state = tmp_path / "state"
         prepare_state(state, f)
         with gpuctl_process("serve", "--port", "0", "--workers", "2",
