@@ -47,15 +47,18 @@ def _app(ctx: typer.Context) -> AppContext:
 
 
 @contextmanager
-def _key_store(app_ctx: AppContext) -> Iterator[KeyStore]:
-    """The key store for one command, closed (and its writes flushed) when it is done."""
+def _key_store(app_ctx: AppContext, *, changes: bool = True) -> Iterator[KeyStore]:
+    """The key store for one command, closed (and its writes flushed) when it is done.
+    ``changes``: the command changes keys, so with replicas this host's table is published
+    after it (a command that only reads publishes nothing: it is no writer of the group's
+    keys)."""
     from gpuctl.config import state_dir
     from gpuctl.store.keys import KeyStore
 
     keys = KeyStore.open(state_dir(app_ctx.config, app_ctx.env))
     try:
         yield keys
-        if app_ctx.config.store.url:  # replicas: every gateway hears of it within a second
+        if changes and app_ctx.config.store.url:  # replicas: every gateway within a second
             _publish(app_ctx.config.store.url, keys)
     finally:
         keys.close()
@@ -93,7 +96,7 @@ def _find(app_ctx: AppContext, key_id: str) -> ApiKey:
     from gpuctl.errors import NotFoundError
 
     try:
-        with _key_store(app_ctx) as keys:
+        with _key_store(app_ctx, changes=False) as keys:
             return keys.get(key_id)
     except NotFoundError:
         url = app_ctx.config.store.url
@@ -185,7 +188,7 @@ def list_keys(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     from gpuctl.store import UsageTotals
 
     app_ctx = _app(ctx)
-    with _key_store(app_ctx) as keys:
+    with _key_store(app_ctx, changes=False) as keys:
         records = keys.all()
     store = app_ctx.open_store()
     try:

@@ -103,6 +103,14 @@ def test_the_cli_budgets_and_revokes_a_key_made_on_another_host(
         return subprocess.run([sys.executable, "-m", "gpuctl", *args], env=environ,
                               capture_output=True, text=True, timeout=60, check=False)
 
+    # A command that only reads publishes nothing: host b's own table stays its own.
+    local = KeyStore.open(tmp_path / "b")
+    local.create("dave")
+    local.close()
+    listed = gpuctl("b", "keys", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [k["name"] for k in json.loads(listed.stdout)] == ["dave"]
+    assert asyncio.run(_shared_key_count(redis_server.url)) == 0
     made = gpuctl("a", "keys", "create", "--name", "carol", "--json")
     assert made.returncode == 0, made.stderr
     key_id = json.loads(made.stdout)["id"]
@@ -126,5 +134,13 @@ async def _shared_budgets(url: str) -> dict[str, tuple[float, str] | None] | Non
     client = connect(url)
     try:
         return await SharedBudgets(client).read()
+    finally:
+        await client.aclose()
+
+
+async def _shared_key_count(url: str) -> int:
+    client = connect(url)
+    try:
+        return int(await client.hlen(SharedKeys(client).key))
     finally:
         await client.aclose()
