@@ -69,3 +69,15 @@ async def test_followers_wanted_wakes_reach_the_leader_once_per_model(
     await asyncio.gather(*[actions.want("llama3:latest") for _ in range(20)],
                          actions.want("qwen2:7b"))
     assert sorted(await actions.wanted()) == ["llama3:latest", "qwen2:7b"]
+
+
+async def test_a_wanted_wake_carries_its_cause_and_falls_back_to_the_gateway(
+        redis_client: aioredis.Redis) -> None:
+    actions = CloudActions(redis_client)
+    await actions.want("gpu-a", "hand")
+    await actions.want("gpu-b")
+    assert await actions.wanted() == {"gpu-a": "hand", "gpu-b": "gateway"}
+    await actions.want("gpu-a", "gateway")  # asked again, for requests: the last word
+    assert (await actions.wanted())["gpu-a"] == "gateway"
+    await redis_client.delete(actions.causes_key)  # the causes lost, the wants kept
+    assert await actions.wanted() == {"gpu-a": "gateway", "gpu-b": "gateway"}
